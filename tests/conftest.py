@@ -1,0 +1,37 @@
+"""Shared test set-up: quiet, offline tools; every test gets its own brainlm home (no shared files)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# Before any of the tools is imported: no telemetry, no progress bars, no token-auth warnings.
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "TQDM_DISABLE": "1",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh brainlm home (data store, MLflow DB, Ray results) for one test."""
+    root = tmp_path / "home"
+    root.mkdir()
+    monkeypatch.setenv("BRAINLM_HOME", str(root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return root

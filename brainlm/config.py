@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from brainlm.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -36,7 +38,7 @@ def from_dict(cls: type[T], d: dict[str, Any]) -> T:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(names)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}; known: {sorted(names)}")
+        raise ConfigError(f"{cls.__name__}: unknown config keys {sorted(unknown)}; known: {sorted(names)}")
     kwargs = {}
     for k, v in d.items():
         ftype = names[k].type
@@ -96,7 +98,7 @@ PRESETS: dict[str, ModelConfig] = {
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """A preset by name, with optional field overrides (e.g. `preset("tiny", mask_ratio=0.5)`)."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
@@ -225,9 +227,9 @@ def load_settings(home: str | os.PathLike | None = None) -> Settings:
         try:
             mlflow_cfg = from_dict(MlflowSettings, raw)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{cfg_path}: {e}") from e
+            raise ConfigError(f"{cfg_path}: {e}") from e
     elif "BRAINLM_MLFLOW_CONFIG" in os.environ:
-        raise FileNotFoundError(f"BRAINLM_MLFLOW_CONFIG={cfg_path} does not exist")
+        raise ConfigError(f"BRAINLM_MLFLOW_CONFIG={cfg_path} does not exist")
     return Settings(home=root, mlflow=mlflow_cfg)
 
 

@@ -95,6 +95,6 @@ def test_configs_round_trip_and_reject_unknown_keys():
     assert from_dict(TrainConfig, to_dict(tc)) == tc
     with pytest.raises(ValueError, match="unknown config keys"):
         from_dict(ModelConfig, {**to_dict(cfg), "hiden": 3})
-    with pytest.raises(KeyError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
     assert dataclasses.replace(cfg, mask_ratio=0.2).mask_ratio == 0.2

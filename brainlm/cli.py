@@ -1,0 +1,194 @@
+"""`brainlm ...`: each subcommand is a thin call into the library.
+
+Imports are lazy so `brainlm presets` answers in a second instead of loading Ray, MLflow and nilearn.
+Expected failures (bad input, missing cohort, unknown preset) print one clear message and exit non-zero;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    import torch
+
+    from brainlm.config import PRESETS
+    from brainlm.model import BrainLM, count_parameters
+
+    print(f"{'preset':<7} {'params':>9}  {'hidden×layers (heads)':<22} {'decoder':<14} window/patch")
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):  # count without allocating 650M parameters
+            n = count_parameters(BrainLM(cfg))
+        enc = f"{cfg.hidden}×{cfg.layers} ({cfg.heads})"
+        dec = f"{cfg.decoder_hidden}×{cfg.decoder_layers}"
+        print(f"{name:<7} {n / 1e6:>8.2f}M  {enc:<22} {dec:<14} {cfg.window}/{cfg.patch_size}")
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from brainlm.config import SynthConfig
+    from brainlm.data.synthetic import synthesize
+
+    cfg = SynthConfig(
+        subjects=args.subjects, timepoints=args.timepoints, parcels_from=args.parcels_from,
+        max_parcels=args.max_parcels, seed=args.seed,
+    )
+    out = synthesize(Path(args.out), cfg)
+    print(f"synthetic cohort written to {out} (ingest it with: brainlm ingest {out} --cohort NAME)")
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from brainlm.config import IngestConfig
+    from brainlm.data.ingest import ingest
+
+    cfg = IngestConfig(
+        min_timepoints=args.min_timepoints, skip_invalid=args.skip_invalid, workers=args.workers,
+        push=not args.no_push,
+    )
+    report = ingest(Path(args.src), args.cohort, atlas=args.atlas, atlas_image=args.atlas_image, cfg=cfg)
+    print(report.summary())
+
+
+def cmd_data_versions(args: argparse.Namespace) -> None:
+    from brainlm.data.versioning import versions
+
+    rows = versions()
+    if not rows:
+        print("no cohort versions yet: run `brainlm ingest SRC --cohort NAME` first")
+    for v in rows:
+        print(f"{v.rev[:10]}  {v.date}  {v.md5}  {v.message}")
+
+
+def cmd_data_checkout(args: argparse.Namespace) -> None:
+    from brainlm.data.versioning import checkout
+
+    checkout(args.rev)
+    print(f"data/ restored to version {args.rev}")
+
+
+def cmd_data_export(args: argparse.Namespace) -> None:
+    from brainlm.data.export import export_cohort
+
+    out = export_cohort(args.cohort, Path(args.out))
+    print(f"cohort {args.cohort} exported to {out}")
+
+
+def _train_config(args: argparse.Namespace):
+    import dataclasses
+
+    from brainlm.config import TrainConfig
+
+    overrides = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs, "batch_size": args.batch_size, "num_workers": args.workers,
+            "use_gpu": args.gpu or None, "lr": args.lr, "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    return dataclasses.replace(TrainConfig(), **overrides)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from brainlm.config import preset
+    from brainlm.pipelines import pretrain
+
+    model_cfg = preset(args.preset, **({"mask_ratio": args.mask_ratio} if args.mask_ratio is not None else {}))
+    result = pretrain(args.cohort, model_cfg, _train_config(args), preset_name=args.preset)
+    print(result.summary())
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from brainlm.registry import list_models
+
+    rows = list_models()
+    if not rows:
+        print("no registered models yet: run `brainlm pretrain --cohort NAME` (or `make demo`) first")
+    for m in rows:
+        aliases = ",".join(m["aliases"]) or "-"
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(m["metrics"].items()))
+        print(f"{m['name']} v{m['version']}  aliases={aliases}  run={m['run_id']}  data={m.get('data_version') or '-'}"
+              f"  {metrics}")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from brainlm.registry import promote
+
+    promote(args.name, args.version, alias=args.alias)
+    print(f"{args.name} version {args.version} is now @{args.alias}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brainlm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("presets", help="model presets with their parameter counts").set_defaults(fn=cmd_presets)
+
+    s = sub.add_parser("synth", help="write a synthetic cohort with known ground truth")
+    s.add_argument("out")
+    s.add_argument("--subjects", type=int, default=40)
+    s.add_argument("--timepoints", type=int, default=300)
+    s.add_argument("--parcels-from", default="A424", help='"A424" or an atlas TSV (index,name,x,y,z,...)')
+    s.add_argument("--max-parcels", type=int, default=None, help="keep a network-balanced subset of parcels")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("ingest", help="validate, scale, store and version a lab's recordings")
+    s.add_argument("src")
+    s.add_argument("--cohort", required=True)
+    s.add_argument("--atlas", default=None, help="atlas TSV (default: SRC/atlas.tsv if present, else A424)")
+    s.add_argument("--atlas-image", default=None, help="label image (NIfTI) or CIFTI dlabel for image input")
+    s.add_argument("--min-timepoints", type=int, default=200)
+    s.add_argument("--skip-invalid", action="store_true", help="ingest the valid files, report the rest")
+    s.add_argument("--workers", type=int, default=0, help="parallel parcellation processes (0 = one per core)")
+    s.add_argument("--no-push", action="store_true", help="do not push the new version to the DVC remote")
+    s.set_defaults(fn=cmd_ingest)
+
+    d = sub.add_parser("data", help="cohort versions (DVC)").add_subparsers(dest="data_command", required=True)
+    d.add_parser("versions", help="list cohort versions").set_defaults(fn=cmd_data_versions)
+    s = d.add_parser("checkout", help="restore data/ to a version")
+    s.add_argument("rev")
+    s.set_defaults(fn=cmd_data_checkout)
+    s = d.add_parser("export", help="write a stored cohort back out as .npy files + manifest.csv")
+    s.add_argument("--cohort", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_data_export)
+
+    s = sub.add_parser("pretrain", help="pretrain BrainLM on a stored cohort (Ray Train) and register it")
+    s.add_argument("--cohort", required=True)
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--workers", type=int, default=None, help="Ray Train workers")
+    s.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--mask-ratio", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(fn=cmd_pretrain)
+
+    sub.add_parser("models", help="registered models: versions, aliases, metrics, runs").set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("promote", help="move a registry alias (e.g. champion) to a model version")
+    s.add_argument("name")
+    s.add_argument("version")
+    s.add_argument("--alias", default="champion")
+    s.set_defaults(fn=cmd_promote)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from brainlm.errors import BrainLMError
+
+    try:
+        args.fn(args)
+    except BrainLMError as e:  # expected, user-facing failures: one clear message, no traceback
+        print(f"brainlm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,7 +35,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
         subjects=args.subjects, timepoints=args.timepoints, parcels_from=args.parcels_from,
         max_parcels=args.max_parcels, seed=args.seed,
     )
-    out = synthesize(Path(args.out), cfg)
+    out = synthesize(Path(args.out), cfg, overwrite=args.overwrite)
     print(f"synthetic cohort written to {out} (ingest it with: brainlm ingest {out} --cohort NAME)")
 
 
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parcels-from", default="A424", help='"A424" or an atlas TSV (index,name,x,y,z,...)')
     s.add_argument("--max-parcels", type=int, default=None, help="keep a network-balanced subset of parcels")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace a synthetic cohort already in OUT")
     s.set_defaults(fn=cmd_synth)
 
     s = sub.add_parser("ingest", help="validate, scale, store and version a lab's recordings")

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainlm.errors import BrainLMError
+
 ATLAS_DIR = Path(__file__).parent / "atlases"
 REQUIRED_COLUMNS = ("index", "name", "x", "y", "z")
 GROUP_COLUMN = "group"  # anatomical group (e.g. cortex / subcortex / cerebellum): names unlabelled parcels
@@ -26,6 +28,10 @@ _A424_NETWORKS = "A424_networks.tsv"
 _A424_NETWORK_COLUMNS = ("yeo7", "cole_anticevic")
 _A424_LABEL_IMAGE = "A424+2mm.nii.gz"
 _A424_DLABEL = "A424.dlabel.nii"
+
+
+class AtlasError(BrainLMError, ValueError):
+    """An atlas that does not exist or breaks a rule of the atlas table."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,13 +54,15 @@ class Atlas:
     def __post_init__(self) -> None:
         n = len(self.index)
         if len(self.names) != n or self.coords.shape != (n, 3):
-            raise ValueError(
+            raise AtlasError(
                 f"atlas {self.name}: {n} indices, {len(self.names)} names, coords {self.coords.shape}; "
                 f"expected {n} names and coords ({n}, 3)"
             )
-        for column, labels in {**self.networks, **({GROUP_COLUMN: self.groups} if self.groups else {})}.items():
+        columns = {**self.networks, **({GROUP_COLUMN: self.groups} if self.groups else {})}
+        for column, labels in columns.items():
             if len(labels) != n:
-                raise ValueError(f"atlas {self.name}: column {column!r} has {len(labels)} labels for {n} parcels")
+                raise AtlasError(f"atlas {self.name}: column {column!r} has {len(labels)} labels for {n} "
+                                 f"parcels")
 
     @property
     def n_parcels(self) -> int:
@@ -68,9 +76,11 @@ class Atlas:
         information an unlabelled parcel is "Unlabelled".
         """
         if column not in self.networks:
-            raise KeyError(f"atlas {self.name} has no network column {column!r}; it has {sorted(self.networks)}")
+            raise KeyError(f"atlas {self.name} has no network column {column!r}; it has "
+                           f"{sorted(self.networks)}")
         groups = self.groups or [""] * self.n_parcels
-        return [label or _group_name(group) for label, group in zip(self.networks[column], groups, strict=True)]
+        labels = self.networks[column]
+        return [label or _group_name(group) for label, group in zip(labels, groups, strict=True)]
 
     def subset(self, positions, name: str | None = None) -> Atlas:
         """The atlas restricted to the parcels at `positions` (row positions, in the order given).
@@ -81,7 +91,7 @@ class Atlas:
         if pos.ndim != 1 or (pos.size and (pos.min() < 0 or pos.max() >= self.n_parcels)):
             raise IndexError(f"atlas {self.name}: positions must be 1-D within [0, {self.n_parcels})")
         if len(np.unique(pos)) != len(pos):
-            raise ValueError(f"atlas {self.name}: subset positions repeat a parcel")
+            raise AtlasError(f"atlas {self.name}: subset positions repeat a parcel")
         pick = pos.tolist()
         return dataclasses.replace(
             self,
@@ -121,7 +131,7 @@ def load_atlas(spec: str | Path = "A424") -> Atlas:
         return _load_a424()
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"atlas {spec!r} is neither 'A424' nor an existing TSV file")
+        raise AtlasError(f"atlas {spec!r} is neither 'A424' nor an existing TSV file")
     return _atlas_from_frame(_read_table(path), name=path.stem, source=path)
 
 
@@ -131,7 +141,7 @@ def _load_a424() -> Atlas:
     parcels = parcels.rename(columns={"x_mni": "x", "y_mni": "y", "z_mni": "z"})
     networks = _read_table(ATLAS_DIR / _A424_NETWORKS)
     if not parcels["index"].astype(int).equals(networks["index"].astype(int)):
-        raise ValueError(f"{ATLAS_DIR}: {_A424_PARCELS} and {_A424_NETWORKS} list different parcel indices")
+        raise AtlasError(f"{ATLAS_DIR}: {_A424_PARCELS} and {_A424_NETWORKS} list different parcel indices")
     frame = parcels[[*REQUIRED_COLUMNS, GROUP_COLUMN]].copy()
     for column in _A424_NETWORK_COLUMNS:
         frame[column] = networks[column].to_numpy()
@@ -151,23 +161,23 @@ def _atlas_from_frame(frame: pd.DataFrame, name: str, source: Path) -> Atlas:
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(
+        raise AtlasError(
             f"atlas {source}: missing required column(s) {missing}; an atlas TSV needs "
             f"{list(REQUIRED_COLUMNS)} (tab-separated, one row per parcel), found {list(frame.columns)}"
         )
     if frame.empty:
-        raise ValueError(f"atlas {source}: no parcels (the table has a header but no rows)")
+        raise AtlasError(f"atlas {source}: no parcels (the table has a header but no rows)")
     index = _numeric(frame["index"], source, "index")
     if not np.all(index == np.round(index)):
-        raise ValueError(f"atlas {source}: column 'index' must hold integers")
+        raise AtlasError(f"atlas {source}: column 'index' must hold integers")
     index = index.astype(np.int64)
     dupes = sorted({int(i) for i in index[pd.Series(index).duplicated().to_numpy()]})
     if dupes:
-        raise ValueError(f"atlas {source}: parcel indices must be unique; repeated: {dupes[:10]}")
+        raise AtlasError(f"atlas {source}: parcel indices must be unique; repeated: {dupes[:10]}")
     coords = np.stack([_numeric(frame[c], source, c) for c in "xyz"], axis=1)
     bad = np.flatnonzero(~np.isfinite(coords).all(axis=1))
     if bad.size:
-        raise ValueError(
+        raise AtlasError(
             f"atlas {source}: coordinates x, y, z must be finite numbers (MNI mm); "
             f"parcel indices {index[bad][:10].tolist()} are not"
         )
@@ -187,7 +197,7 @@ def _numeric(column: pd.Series, source: Path, name: str) -> np.ndarray:
     values = pd.to_numeric(column.str.strip(), errors="coerce").to_numpy(dtype=np.float64)
     if name == "index" and np.isnan(values).any():
         rows = (np.flatnonzero(np.isnan(values))[:10] + 1).tolist()
-        raise ValueError(f"atlas {source}: column 'index' must hold integers; data rows {rows} do not")
+        raise AtlasError(f"atlas {source}: column 'index' must hold integers; data rows {rows} do not")
     return values
 
 

@@ -29,7 +29,8 @@ def robust_scale(x: np.ndarray, axis: int) -> np.ndarray:
     iqr = q75 - q25
     flat = np.squeeze(iqr == 0, axis=axis)
     if flat.any():
-        raise ValueError(f"interquartile range is 0 for parcel positions {_positions(flat)} (constant signal)")
+        raise ValueError(f"interquartile range is 0 for parcel positions {_positions(flat)} "
+                         f"(constant or mostly constant signal)")
     return ((data - median) / iqr).astype(np.float32)
 
 

@@ -1,0 +1,64 @@
+"""Prefect flow `pretrain`: load cohort → check shape → train → register, each task one library call.
+
+Call it (`pretrain(cohort="demo")`), run it as a subflow (flows/demo.py), or trigger the deployment
+`pretrain/default` that `make serve` serves:
+
+    PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run pretrain/default \
+        -p cohort=demo -p epochs=3 --watch
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from brainlm import config, pipelines
+from brainlm.config import ModelConfig, TrainConfig
+from brainlm.data.store import Cohort
+
+# Training is never cached, and the cohort, fit and run objects stay in memory between tasks (a cohort holds
+# memory-mapped arrays): only the flow's small result is persisted, which is what deployments read back.
+STEP = {"cache_policy": NO_CACHE, "persist_result": False}
+DEFAULT_COHORT = "demo"  # what `make demo` ingests
+
+
+@task(name="load cohort", **STEP)
+def load_cohort(cohort: str) -> Cohort:
+    return pipelines.load_cohort(cohort)
+
+
+@task(name="check shape", **STEP)
+def check_shape(cohort: Cohort, model_cfg: ModelConfig) -> None:
+    pipelines.check_cohort(cohort, model_cfg)
+
+
+@task(name="train", **STEP)
+def train(cohort: Cohort, model_cfg: ModelConfig, train_cfg: TrainConfig, preset_name: str) -> pipelines.TrainedRun:
+    return pipelines.train(cohort, model_cfg, train_cfg, preset_name=preset_name)
+
+
+@task(name="register", **STEP)
+def register(trained: pipelines.TrainedRun, cohort: Cohort, model_cfg: ModelConfig,
+             preset_name: str) -> pipelines.PretrainResult:
+    return pipelines.register(trained, cohort, model_cfg, preset_name=preset_name)
+
+
+@flow(name="pretrain", log_prints=True, persist_result=True)
+def pretrain(
+    cohort: str,
+    preset: str = "tiny",
+    epochs: int = TrainConfig.epochs,
+    batch_size: int = TrainConfig.batch_size,
+    num_workers: int = TrainConfig.num_workers,
+    mask_ratio: float | None = None,
+) -> pipelines.PretrainResult:
+    """Pretrain BrainLM on a stored cohort (name or path) and register it as the new challenger.
+
+    mask_ratio: None keeps the preset's ratio (0.75).
+    """
+    model_cfg = pipelines.with_overrides(config.preset(preset), mask_ratio=mask_ratio)
+    train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers)
+    opened = load_cohort(cohort)
+    check_shape(opened, model_cfg)
+    trained = train(opened, model_cfg, train_cfg, preset)
+    return register(trained, opened, model_cfg, preset)

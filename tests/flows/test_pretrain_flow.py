@@ -1,0 +1,77 @@
+"""The `pretrain` flow end to end on a tiny cohort (real Prefect, Ray Train and MLflow), and its refusals."""
+
+import re
+
+import pandas as pd
+import pytest
+from fixtures_cohort import make_cohort
+from mlflow import MlflowClient
+
+from brainlm import pipelines, registry
+from brainlm.config import load_settings, preset
+from brainlm.data.store import CohortError, open_cohort
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_pretrain_flow_registers_a_challenger(home, assert_no_participant_ids):
+    from flows.pretrain import pretrain
+
+    settings = load_settings()
+    cohort = open_cohort(make_cohort(settings.cohorts_dir / "fixture", n_participants=8, parcels=16, timepoints=240))
+
+    result = pretrain(cohort="fixture", preset="tiny", epochs=2, batch_size=8, num_workers=1)
+
+    assert isinstance(result, pipelines.PretrainResult)
+    assert (result.model_name, result.version, result.alias) == (settings.mlflow.pretrained_model, "1", "challenger")
+    assert (result.checkpoint_dir / "model.safetensors").is_file()
+    [row] = registry.list_models()
+    assert (row["version"], row["aliases"], row["run_id"]) == ("1", ["challenger"], result.run_id)
+    assert (row["cohort"], row["preset"], row["data_version"]) == ("fixture", "tiny", registry.UNVERSIONED)
+    assert row["metrics"]["epoch"] == 2 and row["metrics"]["val_masked_mse"] > 0
+
+    client = MlflowClient(settings.tracking_uri())
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden"] == str(preset("tiny").hidden) and run.data.params["train.epochs"] == "2"
+    assert run.data.tags["cohort"] == "fixture" and run.data.tags["preset"] == "tiny"
+    # one point per epoch, logged by the Ray worker from nothing but the run id
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_masked_mse")] == [1, 2]
+    assert_no_participant_ids(settings, cohort.participants)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_pretrain_flow_on_a_missing_cohort_names_its_path(home):
+    from flows.pretrain import pretrain
+
+    missing = load_settings().cohorts_dir / "nowhere"
+    with pytest.raises(CohortError, match=re.escape(str(missing))):
+        pretrain(cohort="nowhere")
+
+
+def test_pretrain_on_a_missing_or_empty_cohort_names_its_path(home, tmp_path):
+    with pytest.raises(CohortError, match=re.escape(str(tmp_path / "absent"))):
+        pipelines.pretrain(tmp_path / "absent")
+    empty = make_cohort(tmp_path / "empty", n_participants=3, parcels=4, timepoints=40)
+    pd.DataFrame(columns=pd.read_csv(empty / "manifest.csv").columns).to_csv(empty / "manifest.csv", index=False)
+    with pytest.raises(CohortError, match=re.escape(f"cohort {empty} has no recordings")):
+        pipelines.pretrain(empty)
+    assert not (home / ".brainlm" / "mlflow.db").exists()  # refused before any run was opened
+
+
+def test_check_cohort_refuses_recordings_shorter_than_the_window(tmp_path):
+    cohort = open_cohort(make_cohort(tmp_path / "short", n_participants=3, parcels=4, timepoints=150))
+    with pytest.raises(CohortError, match=re.escape(f"cohort {cohort.path}: 3 recording(s) shorter than the "
+                                                    f"model's 200-TR window")):
+        pipelines.check_cohort(cohort, preset("tiny"))
+    pipelines.check_cohort(cohort, preset("tiny", window=100))
+
+
+def test_serve_offers_the_pretrain_default_deployment():
+    from flows.serve import deployments
+
+    [deployment] = deployments()
+    assert (deployment.flow_name, deployment.name) == ("pretrain", "default")
+    assert deployment.parameters["cohort"] == "demo" and deployment.parameters["preset"] == "tiny"
+    assert deployment.entrypoint.endswith("flows/pretrain.py:pretrain")

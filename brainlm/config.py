@@ -155,6 +155,7 @@ class IngestConfig:
     skip_invalid: bool = False
     workers: int = 0  # parallel parcellation processes; 0 = one per core
     push: bool = True  # dvc push after a successful ingest
+    executor: str = "process"  # "process" (local pool) or "ray" (tasks on $RAY_ADDRESS's cluster, else local)
 
 
 # ----------------------------------------------------------------------------------------- settings

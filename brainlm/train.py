@@ -501,7 +501,8 @@ def ray_runtime(cfg: TrainConfig) -> Iterator[None]:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=max(2, cfg.num_workers * cfg.cpus_per_worker), include_dashboard=False,
+        # address="local": always a fresh instance of our own, never some other Ray already running here.
+        ray.init(address="local", num_cpus=max(2, cfg.num_workers * cfg.cpus_per_worker), include_dashboard=False,
                  object_store_memory=_RAY_OBJECT_STORE_BYTES, log_to_driver=False, logging_level=logging.WARNING)
     try:
         yield

@@ -45,7 +45,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
     cfg = IngestConfig(
         min_timepoints=args.min_timepoints, skip_invalid=args.skip_invalid, workers=args.workers,
-        push=not args.no_push,
+        push=not args.no_push, executor=args.executor,
     )
     report = ingest(Path(args.src), args.cohort, atlas=args.atlas, atlas_image=args.atlas_image, cfg=cfg)
     print(report.summary())
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-timepoints", type=int, default=200)
     s.add_argument("--skip-invalid", action="store_true", help="ingest the valid files, report the rest")
     s.add_argument("--workers", type=int, default=0, help="parallel parcellation processes (0 = one per core)")
+    s.add_argument("--executor", choices=("process", "ray"), default="process",
+                   help="parcellate in a local process pool, or as Ray tasks (on $RAY_ADDRESS's cluster if set)")
     s.add_argument("--no-push", action="store_true", help="do not push the new version to the DVC remote")
     s.set_defaults(fn=cmd_ingest)
 

@@ -70,7 +70,7 @@ class ModelConfig:
     mask_ratio: float = 0.75  # the paper's ratios: 0.2, 0.5, 0.75
     dropout: float = 0.0
     coord_scale: float = 100.0  # MNI mm are divided by this before the spatial embedding (keeps inputs ~[-1, 1])
-    activation_checkpointing: bool = False  # recompute encoder blocks in backward: memory for compute (650M)
+    activation_checkpointing: bool = False  # recompute encoder + decoder blocks in backward: memory for compute (650M)
 
     def __post_init__(self) -> None:
         if self.window % self.patch_size:

@@ -12,6 +12,7 @@ Recordings are opened with `np.load(mmap_mode="r")`, so a training crop reads on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -127,7 +128,10 @@ def open_cohort(name_or_path: str | os.PathLike, settings: Settings | None = Non
     manifest = _read_manifest(path / "manifest.csv")
     if manifest.empty:
         raise CohortError(f"cohort {path} has no recordings (manifest.csv is empty): {hint}")
+    info = json.loads((path / "cohort.json").read_text())
     atlas = load_atlas(path / "atlas.tsv")
+    if info.get("atlas"):  # the TSV's file name is always "atlas"; cohort.json keeps the real one (e.g. A424)
+        atlas = dataclasses.replace(atlas, name=str(info["atlas"]))
     wrong = manifest.loc[manifest["parcels"].astype(int) != atlas.n_parcels, "recording"].tolist()
     if wrong:
         raise CohortError(f"cohort {path}: recordings {wrong[:5]} do not have the atlas's {atlas.n_parcels} "
@@ -139,7 +143,7 @@ def open_cohort(name_or_path: str | os.PathLike, settings: Settings | None = Non
         manifest=manifest,
         atlas=atlas,
         phenotypes=phenotypes,
-        info=json.loads((path / "cohort.json").read_text()),
+        info=info,
     )
 
 

@@ -136,11 +136,12 @@ def train(
     settings = registry.configure(settings)
     version = data_version(cohort, settings)
     run_name = _run_name(cohort, preset_name)
-    params = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "cohort": cohort.name,
-              "preset": preset_name}
+    # `fit` logs the full model/train config and the cohort to the run; the check covers those values too.
+    config = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "cohort": cohort.name}
+    params = {"preset": preset_name}
     tags = {registry.COHORT_TAG: cohort.name, registry.DATA_VERSION_TAG: version or registry.UNVERSIONED,
             registry.PRESET_TAG: preset_name, "brainlm_version": brainlm.__version__}
-    check_no_participant_ids(cohort, params, tags, {"run_name": run_name})
+    check_no_participant_ids(cohort, config, params, tags, {"run_name": run_name})
     run_id = registry.start_run(settings.mlflow.pretrain_experiment, run_name, params, tags, settings)
     with _fail_run_on_error(run_id, settings):
         result = fit(cohort, model_cfg, train_cfg, run_name=run_name, storage_path=settings.ray_results_dir,

@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -e '.[dev]' -c constraints.txt
 	touch $@
 
+# Prefect keeps the demo's flow runs under .brainlm/prefect, the same home `make serve` uses, so its UI shows them.
 demo: $(STAMP)
-	$(BIN)/python -m flows.demo
+	PREFECT_HOME=$(CURDIR)/.brainlm/prefect $(BIN)/python -m flows.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -75,28 +75,17 @@ def cmd_data_export(args: argparse.Namespace) -> None:
     print(f"cohort {args.cohort} exported to {out}")
 
 
-def _train_config(args: argparse.Namespace):
-    import dataclasses
-
-    from brainlm.config import TrainConfig
-
-    overrides = {
-        k: v
-        for k, v in {
-            "epochs": args.epochs, "batch_size": args.batch_size, "num_workers": args.workers,
-            "use_gpu": args.gpu or None, "lr": args.lr, "seed": args.seed,
-        }.items()
-        if v is not None
-    }
-    return dataclasses.replace(TrainConfig(), **overrides)
-
-
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from brainlm.config import preset
-    from brainlm.pipelines import pretrain
+    from brainlm.config import TrainConfig, preset
+    from brainlm.pipelines import pretrain, with_overrides
 
-    model_cfg = preset(args.preset, **({"mask_ratio": args.mask_ratio} if args.mask_ratio is not None else {}))
-    result = pretrain(args.cohort, model_cfg, _train_config(args), preset_name=args.preset)
+    # Options left unset keep the preset's / TrainConfig's value (the same rule the Prefect flow uses).
+    model_cfg = with_overrides(preset(args.preset), mask_ratio=args.mask_ratio)
+    train_cfg = with_overrides(
+        TrainConfig(), epochs=args.epochs, batch_size=args.batch_size, num_workers=args.workers,
+        use_gpu=args.gpu or None, lr=args.lr, seed=args.seed,
+    )
+    result = pretrain(args.cohort, model_cfg, train_cfg, preset_name=args.preset)
     print(result.summary())
 
 

@@ -234,6 +234,68 @@ def load_settings(home: str | os.PathLike | None = None) -> Settings:
     return Settings(home=root, mlflow=mlflow_cfg)
 
 
+# ------------------------------------------------------------------------------------ downstream tasks
+
+
+@dataclass(frozen=True)
+class ForecastConfig:
+    """Forecasting: the last `horizon` TRs of each model window from the TRs before it, on held-out subjects.
+
+    The window is the pretrained model's; the horizon is one patch (the last patch of every parcel is masked).
+    Every model gets the same subject-level split, the same training crops and the same step budget.
+    """
+
+    steps: int = 300  # optimiser steps for each neural model (brainlm, scratch, lstm, ode)
+    batch_size: int = 16
+    lr: float = 1e-3  # peak learning rate of the new / randomly initialised parts and the baselines
+    encoder_lr_scale: float = 1.0  # the pretrained encoder's learning rate relative to `lr` (brainlm only)
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    crops_per_recording: int = 8  # random training windows per recording and pass
+    eval_stride: int = 100  # test windows start every `eval_stride` TRs of each held-out recording
+    val_fraction: float = 0.15  # of participants: selects the VAR lag and ridge (never the test subjects)
+    test_fraction: float = 0.2
+    lstm_hidden: int = 128
+    ode_latent: int = 32
+    ode_hidden: int = 64
+    var_lags: tuple[int, ...] = (1, 2, 3, 4)
+    var_alphas: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0)  # ridge strength per training TR
+    models: tuple[str, ...] = ("brainlm", "scratch", "lstm", "ode", "var", "ar1", "persistence")
+    device: str = "cpu"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ClinicalConfig:
+    """Clinical prediction of one phenotype with subject-level K-fold cross-validation.
+
+    Target transforms are fitted on each fold's training subjects only. The BrainLM head reads the CLS
+    (`pooling="cls"`) or the mean token embedding (`"mean"`) of each window; a subject's prediction is the mean
+    over its windows.
+    """
+
+    target: str = "age"
+    folds: int = 5
+    pooling: str = "cls"  # "cls" or "mean"
+    head_hidden: int = 64
+    steps: int = 200  # optimiser steps of the fine-tuned head (+ encoder) per fold
+    batch_size: int = 16
+    lr: float = 1e-3  # the head's learning rate
+    encoder_lr_scale: float = 0.1  # the pretrained encoder's learning rate relative to `lr`; 0 freezes it
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    crops_per_recording: int = 4
+    windows_per_recording: int = 4  # evenly spaced windows per recording for embeddings and evaluation
+    svr_c: tuple[float, ...] = (0.1, 1.0, 10.0)  # chosen by inner cross-validation on the training folds
+    ridge_alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+    models: tuple[str, ...] = ("brainlm", "svr_embedding", "svr_fc", "ridge_fc")
+    device: str = "cpu"
+    seed: int = 0
+
+
 _DATACLASSES: dict[str, type] = {
-    c.__name__: c for c in (ModelConfig, TrainConfig, SynthConfig, IngestConfig, MlflowSettings)
+    c.__name__: c for c in (ModelConfig, TrainConfig, SynthConfig, IngestConfig, MlflowSettings, ForecastConfig,
+                             ClinicalConfig)
 }

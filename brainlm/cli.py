@@ -109,6 +109,22 @@ def cmd_promote(args: argparse.Namespace) -> None:
     print(f"{args.name} version {args.version} is now @{args.alias}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from brainlm.config import ClinicalConfig, ForecastConfig
+    from brainlm.evaluate import evaluate
+    from brainlm.pipelines import with_overrides
+
+    # Options left unset keep the task config's value.
+    common = {"steps": args.steps, "seed": args.seed, "device": "cuda" if args.gpu else None}
+    result = evaluate(
+        args.task, args.cohort, args.model, target=args.target,
+        forecast_cfg=with_overrides(ForecastConfig(), **common),
+        clinical_cfg=with_overrides(ClinicalConfig(), folds=args.folds, pooling=args.pooling, **common),
+    )
+    print()
+    print(result.summary())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brainlm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask-ratio", type=float, default=None)
     s.add_argument("--seed", type=int, default=None)
     s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("evaluate", help="forecasting or clinical prediction: BrainLM against its baselines, "
+                                        "each model logged and registered")
+    s.add_argument("--task", choices=("forecast", "clinical"), required=True)
+    s.add_argument("--cohort", required=True)
+    s.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, or a folder with a released BrainLM checkpoint")
+    s.add_argument("--target", default=None, help="clinical target: age, neuroticism, pcl, gad7, phq9, "
+                                                  "phq9_binary, sex (default: age)")
+    s.add_argument("--steps", type=int, default=None, help="optimiser steps of each neural model (and fold)")
+    s.add_argument("--folds", type=int, default=None, help="clinical: cross-validation folds")
+    s.add_argument("--pooling", choices=("cls", "mean"), default=None, help="clinical: embedding the head reads")
+    s.add_argument("--gpu", action="store_true", help="fine-tune on the GPU")
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(fn=cmd_evaluate)
 
     sub.add_parser("models", help="registered models: versions, aliases, metrics, runs").set_defaults(fn=cmd_models)
 

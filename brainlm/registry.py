@@ -42,6 +42,7 @@ from brainlm.errors import BrainLMError
 from brainlm.model import BrainLM
 
 SERVING_CODE = Path(__file__).with_name("serving.py")  # the code file MLflow runs to rebuild BrainLM
+SERVING_TASKS_CODE = Path(__file__).with_name("serving_tasks.py")  # ... and a task model (brainlm/tasks/saved.py)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MODEL_NAME_IN_RUN = "model"
@@ -151,6 +152,12 @@ def end_run(run_id: str, status: str = "FINISHED", settings: Settings | None = N
     _client(settings).set_terminated(run_id, status)
 
 
+def log_artifacts(run_id: str, directory: Path, artifact_path: str | None = None,
+                  settings: Settings | None = None) -> None:
+    """Upload every file under `directory` to the run's artifacts (under `artifact_path`)."""
+    _client(settings).log_artifacts(run_id, str(directory), artifact_path)
+
+
 # ------------------------------------------------------------------------------------ logging models
 
 
@@ -165,6 +172,7 @@ def log_model(
     metrics: Mapping[str, float],
     tags: Mapping[str, str],
     code: Path = SERVING_CODE,
+    pip_requirements: list[str] | None = None,
     settings: Settings | None = None,
 ) -> ModelVersion:
     """Log safetensors weights + a JSON config as a models-from-code pyfunc, register it, alias it.
@@ -172,7 +180,7 @@ def log_model(
     The new version gets `tags`, `metrics` as `metric.<name>` tags (what `list_models` shows, so a task model
     and its baselines compare side by side) and the alias `settings.mlflow.new_alias` ("challenger").
     `code` is the file MLflow executes to rebuild the model from `context.artifacts["weights"]` and
-    `["config"]`.
+    `["config"]`; `pip_requirements` defaults to PIP_REQUIREMENTS.
     The run is left FINISHED: registration is the last thing a training run does.
     """
     settings = configure(settings)
@@ -186,7 +194,7 @@ def log_model(
                 artifacts={"weights": str(weights), "config": str(config_path)},
                 signature=infer_signature(input_example, output_example),
                 input_example=input_example,
-                pip_requirements=PIP_REQUIREMENTS,
+                pip_requirements=pip_requirements or PIP_REQUIREMENTS,
                 registered_model_name=registered_model_name,
             )
     client = _client(settings)
@@ -280,15 +288,45 @@ def load_model(
     Downloads the model's files and builds the network from `config.json` + `model.safetensors`. Nothing is
     unpickled: safetensors holds raw tensors, and the config is JSON.
     """
+    return load_files(uri_or_name, build_model, alias, settings)
+
+
+def load_files(uri_or_name: str, build, alias: str | None = None, settings: Settings | None = None):
+    """`build(config_path, weights_path)` on a registered model's downloaded files (removed afterwards).
+
+    Any model logged by `log_model` works: the pretrained BrainLM (`build_model`) or a task model
+    (`brainlm.tasks.saved.load_task_model`).
+    """
     settings = settings or load_settings()
-    uri = uri_or_name if ":/" in uri_or_name else f"models:/{uri_or_name}@{alias or settings.mlflow.production_alias}"
+    uri = _model_uri(uri_or_name, alias, settings)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp, tracking_uri=settings.tracking_uri()))
         except MlflowException as e:
             raise RegistryError(f"cannot resolve {uri} in {settings.tracking_uri()}: {e.message}") from e
         files = _pyfunc_artifacts(local)
-        return build_model(files["config"], files["weights"])
+        return build(files["config"], files["weights"])
+
+
+def _model_uri(uri_or_name: str, alias: str | None, settings: Settings) -> str:
+    return uri_or_name if ":/" in uri_or_name else f"models:/{uri_or_name}@{alias or settings.mlflow.production_alias}"
+
+
+def model_version(uri_or_name: str, alias: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """The registered version a `models:/name@alias` or `models:/name/N` URI points at, as `list_models` rows."""
+    settings = settings or load_settings()
+    uri = _model_uri(uri_or_name, alias, settings)
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    client = _client(settings)
+    try:
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as e:
+        raise RegistryError(f"cannot resolve {uri} in {settings.tracking_uri()}: {e.message}") from e
+    return _version_row(client, version)
 
 
 def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:

@@ -50,7 +50,7 @@ class KernelModel:
 
     def config(self) -> dict[str, Any]:
         return {"model": "svc" if self.task == "classification" else "svr", "kernel": "rbf", "gamma": self.gamma,
-                "intercept": self.intercept, "task": self.task, "chosen": self.chosen}
+                "intercept": self.intercept, "task_type": self.task, "chosen": self.chosen}
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean, "scale": self.scale, "support": self.support, "dual": self.dual}
@@ -58,7 +58,7 @@ class KernelModel:
     @classmethod
     def from_arrays(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> KernelModel:
         return cls(arrays["mean"], arrays["scale"], arrays["support"], arrays["dual"], float(config["intercept"]),
-                   float(config["gamma"]), config["task"], config.get("chosen", {}))
+                   float(config["gamma"]), config["task_type"], config.get("chosen", {}))
 
 
 @dataclass
@@ -77,15 +77,15 @@ class LinearModel:
         return z @ self.coef.astype(np.float64) + self.intercept
 
     def config(self) -> dict[str, Any]:
-        return {"model": "ridge", "intercept": self.intercept, "task": self.task, "chosen": self.chosen}
+        return {"model": "ridge", "intercept": self.intercept, "task_type": self.task, "chosen": self.chosen}
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean, "scale": self.scale, "coef": self.coef}
 
     @classmethod
     def from_arrays(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> LinearModel:
-        return cls(arrays["mean"], arrays["scale"], arrays["coef"], float(config["intercept"]), config["task"],
-                   config.get("chosen", {}))
+        return cls(arrays["mean"], arrays["scale"], arrays["coef"], float(config["intercept"]),
+                   config["task_type"], config.get("chosen", {}))
 
 
 def _inner_cv(n: int, seed: int):

@@ -162,6 +162,7 @@ class ClinicalModel:
     module: nn.Module | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    backbone_state: dict[str, Tensor] | None = None  # the frozen backbone an embedding model reads
 
 
 @dataclass
@@ -276,7 +277,7 @@ def _folds(people: list[str], values: np.ndarray | None, cfg: ClinicalConfig) ->
 def _fit(name: str, backbone: nn.Module, cohort: Cohort, train_people: list[str], y: np.ndarray,
          features: dict[str, np.ndarray], rows: np.ndarray, recordings: dict[str, list[str]], cfg: ClinicalConfig,
          task: str, coords: Tensor, transform: TargetTransform, progress: Progress, tag: str) -> ClinicalModel:
-    base = {"target": transform.to_dict(), "task": task}
+    base = {"target": transform.to_dict(), "task_type": task}
     if name == "brainlm":
         head = _fine_tune(backbone, cohort, train_people, y, recordings, cfg, task, coords, progress, tag)
         return ClinicalModel(name, ClinicalHead.kind, {**base, **head.config()}, module=head,
@@ -289,9 +290,12 @@ def _fit(name: str, backbone: nn.Module, cohort: Cohort, train_people: list[str]
     else:
         model = fit_kernel_model(x, y, task, cfg.svr_c, cfg.seed)
     config = {**base, **model.config()}
+    state = None
     if name == "svr_embedding":
         config |= {"backbone": backbone.describe(), "pooling": cfg.pooling}
-    return ClinicalModel(name, name, config, arrays=model.arrays(), params=model.config()["chosen"])
+        state = backbone.state_dict()
+    return ClinicalModel(name, name, config, arrays=model.arrays(), params=model.config()["chosen"],
+                         backbone_state=state)
 
 
 def _fine_tune(backbone: nn.Module, cohort: Cohort, people: list[str], y: np.ndarray,

@@ -115,7 +115,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from brainlm.pipelines import with_overrides
 
     # Options left unset keep the task config's value.
-    common = {"steps": args.steps, "seed": args.seed, "device": "cuda" if args.gpu else None}
+    common = {"steps": args.steps, "seed": args.seed, "device": "cuda" if args.gpu else None,
+              "models": tuple(args.models.split(",")) if args.models else None}
     result = evaluate(
         args.task, args.cohort, args.model, target=args.target,
         forecast_cfg=with_overrides(ForecastConfig(), **common),
@@ -184,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, or a folder with a released BrainLM checkpoint")
     s.add_argument("--target", default=None, help="clinical target: age, neuroticism, pcl, gad7, phq9, "
                                                   "phq9_binary, sex (default: age)")
+    s.add_argument("--models", default=None, help="comma-separated subset of the comparison's models (default: all)")
     s.add_argument("--steps", type=int, default=None, help="optimiser steps of each neural model (and fold)")
     s.add_argument("--folds", type=int, default=None, help="clinical: cross-validation folds")
-    s.add_argument("--pooling", choices=("cls", "mean"), default=None, help="clinical: embedding the head reads")
+    s.add_argument("--pooling", choices=("cls", "mean", "connectivity"), default=None,
+                   help="clinical: how the head pools the encoder's tokens (default: connectivity)")
     s.add_argument("--gpu", action="store_true", help="fine-tune on the GPU")
     s.add_argument("--seed", type=int, default=None)
     s.set_defaults(fn=cmd_evaluate)

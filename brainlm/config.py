@@ -270,14 +270,15 @@ class ForecastConfig:
 class ClinicalConfig:
     """Clinical prediction of one phenotype with subject-level K-fold cross-validation.
 
-    Target transforms are fitted on each fold's training subjects only. The BrainLM head reads the CLS
-    (`pooling="cls"`) or the mean token embedding (`"mean"`) of each window; a subject's prediction is the mean
-    over its windows.
+    Target transforms are fitted on each fold's training subjects only. The BrainLM head reads each window's
+    encoder output pooled as `pooling` says: the CLS embedding (`"cls"`), the mean token (`"mean"`), or the
+    similarity of every pair of parcels' token embeddings (`"connectivity"`, second-order); a subject's
+    prediction is the mean over its windows.
     """
 
     target: str = "age"
     folds: int = 5
-    pooling: str = "cls"  # "cls" or "mean"
+    pooling: str = "connectivity"  # "cls", "mean" or "connectivity" (see brainlm.tasks.common.pool)
     head_hidden: int = 64
     steps: int = 200  # optimiser steps of the fine-tuned head (+ encoder) per fold
     batch_size: int = 16
@@ -288,9 +289,10 @@ class ClinicalConfig:
     grad_clip: float = 1.0
     crops_per_recording: int = 4
     windows_per_recording: int = 4  # evenly spaced windows per recording for embeddings and evaluation
-    svr_c: tuple[float, ...] = (0.1, 1.0, 10.0)  # chosen by inner cross-validation on the training folds
+    svr_c: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)  # chosen by inner cross-validation on the training folds
     ridge_alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
     models: tuple[str, ...] = ("brainlm", "svr_embedding", "svr_fc", "ridge_fc")
+    refit: bool = True  # refit every model on all subjects after cross-validation (the registered models)
     device: str = "cpu"
     seed: int = 0
 

@@ -29,7 +29,7 @@ from torch import nn
 
 import brainlm
 from brainlm import registry
-from brainlm.config import ClinicalConfig, ForecastConfig, Settings, to_dict
+from brainlm.config import ClinicalConfig, ForecastConfig, Settings, load_settings, to_dict
 from brainlm.data.store import Cohort, open_cohort
 from brainlm.tasks import plots
 from brainlm.tasks.common import Progress, TaskError, table_markdown, table_text
@@ -96,9 +96,10 @@ def evaluate(task: str, cohort: str | Path | Cohort, model: str, *, target: str 
 
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; choose from {list(TASKS)}")
-    settings = registry.configure(settings)
+    settings = settings or load_settings()
+    backbone, lineage = resolve_backbone(model, settings)  # a released folder is read before MLflow is touched
     opened = cohort if isinstance(cohort, Cohort) else open_cohort(cohort, settings)
-    backbone, lineage = resolve_backbone(model, settings)
+    settings = registry.configure(settings)
     version = data_version(opened, settings) or registry.UNVERSIONED
     if task == "forecast":
         from brainlm.tasks.forecast import run_forecast
@@ -109,7 +110,7 @@ def evaluate(task: str, cohort: str | Path | Cohort, model: str, *, target: str 
         from brainlm.tasks.clinical import run_clinical
 
         cfg = clinical_cfg or ClinicalConfig()
-        cfg = dataclasses.replace(cfg, target=target or cfg.target)
+        cfg = dataclasses.replace(cfg, target=target or cfg.target, refit=True)  # the registered models
         target = cfg.target
         result = run_clinical(opened, backbone, cfg, progress)
 

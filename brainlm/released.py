@@ -169,11 +169,21 @@ class ViTMAEBackbone(nn.Module):
         return pred[..., T - self.horizon :]
 
     def embed(self, signals: Tensor, coords: Tensor, pooling: str) -> Tensor:
+        """Pooled as `brainlm.tasks.common.pool`; the spatial groups are the image's patch rows."""
         from brainlm.tasks.common import pool
 
         with self._masking(0.0):
-            latent = self.model.vit(pixel_values=self.to_image(signals, coords)).last_hidden_state
-        return pool(latent, pooling)
+            out = self.model.vit(pixel_values=self.to_image(signals, coords))
+        # ViTMAE shuffles tokens even when it keeps them all: put them back in row-major patch order
+        tokens = torch.gather(out.last_hidden_state[:, 1:], 1,
+                              out.ids_restore[:, :, None].expand(-1, -1, out.last_hidden_state.shape[-1]))
+        latent = torch.cat([out.last_hidden_state[:, :1], tokens], dim=1)
+        return pool(latent, pooling, self.side // self.patch)
+
+    def pooled_size(self, pooling: str, n_parcels: int) -> int:
+        from brainlm.tasks.common import pooled_size
+
+        return pooled_size(pooling, self.embed_dim, self.side // self.patch)
 
 
 def _y_order(coords: Tensor) -> Tensor:

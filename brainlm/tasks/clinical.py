@@ -139,17 +139,18 @@ class ClinicalHead(nn.Module):
 
     kind = "head"
 
-    def __init__(self, backbone: nn.Module, pooling: str, hidden: int):
+    def __init__(self, backbone: nn.Module, pooling: str, hidden: int, n_parcels: int):
         super().__init__()
-        self.backbone, self.pooling, self.hidden = backbone, pooling, hidden
-        self.head = nn.Sequential(nn.LayerNorm(backbone.embed_dim), nn.Linear(backbone.embed_dim, hidden), nn.GELU(),
-                                  nn.Linear(hidden, 1))
+        self.backbone, self.pooling, self.hidden, self.n_parcels = backbone, pooling, hidden, n_parcels
+        features = backbone.pooled_size(pooling, n_parcels)
+        self.head = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, signals: Tensor, coords: Tensor) -> Tensor:
         return self.head(self.backbone.embed(signals, coords, self.pooling)).squeeze(-1)
 
     def config(self) -> dict[str, Any]:
-        return {"backbone": self.backbone.describe(), "pooling": self.pooling, "hidden": self.hidden}
+        return {"backbone": self.backbone.describe(), "pooling": self.pooling, "hidden": self.hidden,
+                "n_parcels": self.n_parcels}
 
 
 @dataclass
@@ -175,7 +176,7 @@ class ClinicalResult:
     truth: np.ndarray  # transformed target per subject, each with its own fold's transform
     fold_transforms: list[TargetTransform]
     fold_test_subjects: list[list[str]]  # in memory only: never logged
-    fitted: dict[str, ClinicalModel]
+    fitted: dict[str, ClinicalModel]  # refitted on all subjects (empty with refit=False)
     sizes: dict[str, int]
 
 
@@ -228,12 +229,14 @@ def run_clinical(cohort: Cohort, backbone: nn.Module, cfg: ClinicalConfig | None
             oof[name][test] = _predict(model, features, test, [windows[people[i]] for i in test], coords, cfg)
             fold_metrics[name].append(_metrics(y_test, oof[name][test], task))
 
-    progress("- refit on all subjects")
-    transform = TargetTransform.fit(cfg.target, values)
-    everyone = np.arange(len(people))
-    fitted = {name: _fit(name, backbone, cohort, people, transform.transform(values), features, everyone,
-                         recordings, cfg, task, coords, transform, progress, tag=f"{name} all")
-              for name in [m for m in MODELS if m in cfg.models]}
+    fitted = {}
+    if cfg.refit:
+        progress("- refit on all subjects")
+        transform = TargetTransform.fit(cfg.target, values)
+        everyone = np.arange(len(people))
+        fitted = {name: _fit(name, backbone, cohort, people, transform.transform(values), features, everyone,
+                             recordings, cfg, task, coords, transform, progress, tag=f"{name} all")
+                  for name in [m for m in MODELS if m in cfg.models]}
     table = _table(fold_metrics, task)
     return ClinicalResult(target=cfg.target, task=task, table=table, fold_metrics=fold_metrics, predictions=oof,
                           truth=truth, fold_transforms=transforms, fold_test_subjects=[[people[i] for i in t]
@@ -302,7 +305,7 @@ def _fine_tune(backbone: nn.Module, cohort: Cohort, people: list[str], y: np.nda
                recordings: dict[str, list[str]], cfg: ClinicalConfig, task: str, coords: Tensor,
                progress: Progress, tag: str) -> ClinicalHead:
     """The head (and, at `encoder_lr_scale`, the encoder) trained on random crops labelled with their subject's y."""
-    head = ClinicalHead(copy.deepcopy(backbone), cfg.pooling, cfg.head_hidden).to(cfg.device)
+    head = ClinicalHead(copy.deepcopy(backbone), cfg.pooling, cfg.head_hidden, cohort.n_parcels).to(cfg.device)
     ids = [r for p in people for r in recordings[p]]
     label = {r: v for p, v in zip(people, y, strict=True) for r in recordings[p]}
     dataset = cohort.window_dataset(ids, backbone.window, cfg.crops_per_recording, cfg.seed)
@@ -368,7 +371,11 @@ def _table(fold_metrics: dict[str, list[dict[str, float]]], task: str) -> pd.Dat
     for model, folds in fold_metrics.items():
         row = {}
         for metric in names:
-            mean, low, high = mean_ci([f[metric] for f in folds])
+            values = np.array([f[metric] for f in folds])
+            if metric == "pearson_r":  # averaged as Fisher z, so the interval stays inside (−1, 1)
+                mean, low, high = np.tanh(mean_ci(np.arctanh(np.clip(values, -0.999999, 0.999999))))
+            else:
+                mean, low, high = mean_ci(values)
             row |= {metric: mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high}
         rows[model] = row
     table = pd.DataFrame.from_dict(rows, orient="index")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -65,9 +66,12 @@ class BrainLMBackbone(nn.Module):
         return out.pred[:, :, -1, :]
 
     def embed(self, signals: Tensor, coords: Tensor, pooling: str) -> Tensor:
-        """Unmasked encoding (with gradients, for fine-tuning): CLS (`"cls"`) or the mean token (`"mean"`)."""
+        """Unmasked encoding (with gradients, for fine-tuning), pooled as `pool` says."""
         latent, _, _, _ = self.model.forward_encoder(signals, coords, 0.0)
-        return pool(latent, pooling)
+        return pool(latent, pooling, signals.shape[1])
+
+    def pooled_size(self, pooling: str, n_parcels: int) -> int:
+        return pooled_size(pooling, self.embed_dim, n_parcels)
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.kind, "model": to_dict(self.model.cfg)}
@@ -78,13 +82,34 @@ class BrainLMBackbone(nn.Module):
         return not name.startswith(("model.decoder", "model.mask_token"))
 
 
-def pool(latent: Tensor, pooling: str) -> Tensor:
-    """(B, 1 + L, D) encoder output with CLS first → (B, D)."""
+POOLINGS = ("cls", "mean", "connectivity")
+
+
+def pool(latent: Tensor, pooling: str, groups: int) -> Tensor:
+    """(B, 1 + L, D) encoder output, CLS first, tokens in spatial-group-major order → (B, features).
+
+    cls           the CLS embedding (B, D): the recording-level token
+    mean          the mean token embedding (B, D)
+    connectivity  second-order pooling: each spatial group's (parcel's) mean token embedding, centred over the
+                  groups, and the cosine similarity of every pair of groups — the upper triangle, (B, G(G−1)/2).
+                  A phenotype that lives in how regions co-vary is not a first-order summary of the tokens.
+    """
     if pooling == "cls":
         return latent[:, 0]
     if pooling == "mean":
         return latent[:, 1:].mean(dim=1)
-    raise TaskError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+    if pooling == "connectivity":
+        B, L, D = latent[:, 1:].shape
+        regions = latent[:, 1:].reshape(B, groups, L // groups, D).mean(dim=2)
+        regions = F.normalize(regions - regions.mean(dim=1, keepdim=True), dim=-1)
+        similarity = regions @ regions.transpose(1, 2)
+        upper = torch.triu_indices(groups, groups, offset=1, device=latent.device)
+        return similarity[:, upper[0], upper[1]]
+    raise TaskError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+
+
+def pooled_size(pooling: str, dim: int, groups: int) -> int:
+    return groups * (groups - 1) // 2 if pooling == "connectivity" else dim
 
 
 def build_backbone(description: dict[str, Any]) -> nn.Module:

@@ -129,7 +129,8 @@ def _build_module(config: dict[str, Any]) -> nn.Module | None:
         if kind == "head":
             from brainlm.tasks.clinical import ClinicalHead
 
-            return ClinicalHead(build_backbone(config["backbone"]), config["pooling"], int(config["hidden"]))
+            return ClinicalHead(build_backbone(config["backbone"]), config["pooling"], int(config["hidden"]),
+                                int(config["n_parcels"]))
         if kind in ("svr_embedding", "svr_fc", "ridge_fc"):
             return None
     raise TaskError(f"unknown task model: task {config['task']!r}, kind {kind!r}")

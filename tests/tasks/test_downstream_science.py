@@ -1,0 +1,45 @@
+"""The downstream checks on a synthetic cohort with planted dynamics and phenotypes (tests/fixtures_tasks.py):
+pretrained BrainLM forecasts better than the same network from scratch and than persistence, and the fine-tuned
+clinical head recovers the planted age effect. The model is pretrained once per session on subjects disjoint
+from the task cohort."""
+
+import pytest
+
+from brainlm.config import ClinicalConfig, ForecastConfig
+from brainlm.tasks.clinical import run_clinical
+from brainlm.tasks.common import BrainLMBackbone, table_text
+from brainlm.tasks.forecast import run_forecast
+from brainlm.train import load_checkpoint
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_pretrained_brainlm_forecasts_better_than_scratch_and_persistence(pretrained, one_thread):
+    model, _, _ = load_checkpoint(pretrained.checkpoint)
+    cfg = ForecastConfig(steps=100, models=("brainlm", "scratch", "persistence"))
+    result = run_forecast(pretrained.cohort(), BrainLMBackbone(model), cfg, progress=print)
+    t = result.table
+    print(f"pretraining took {pretrained.seconds:.0f} s\n{table_text(t)}")
+    assert t.loc["brainlm", "r2"] > t.loc["scratch", "r2"] + 0.05, t
+    assert t.loc["brainlm", "mse"] < 0.9 * t.loc["scratch", "mse"], t
+    assert t.loc["brainlm", "mse"] < 0.8 * t.loc["persistence", "mse"], t
+
+
+@pytest.mark.slow
+def test_clinical_head_recovers_the_planted_age_effect(pretrained, one_thread):
+    model, _, _ = load_checkpoint(pretrained.checkpoint)
+    cfg = ClinicalConfig(target="age", folds=5, steps=200, encoder_lr_scale=0.0, models=("brainlm",), refit=False)
+    result = run_clinical(pretrained.cohort(), BrainLMBackbone(model), cfg, progress=print)
+    t = result.table
+    print(table_text(t))
+    assert t.loc["brainlm", "r2"] > 0.2, t
+    assert t.loc["brainlm", "pearson_r_ci_low"] > 0, t

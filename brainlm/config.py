@@ -291,7 +291,7 @@ class ClinicalConfig:
     windows_per_recording: int = 4  # evenly spaced windows per recording for embeddings and evaluation
     svr_c: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)  # chosen by inner cross-validation on the training folds
     ridge_alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
-    models: tuple[str, ...] = ("brainlm", "svr_embedding", "svr_fc", "ridge_fc")
+    models: tuple[str, ...] = ("brainlm", "ridge_embedding", "svr_embedding", "svr_fc", "ridge_fc")
     refit: bool = True  # refit every model on all subjects after cross-validation (the registered models)
     device: str = "cpu"
     seed: int = 0

@@ -201,19 +201,7 @@ def _example(task: str, cohort: Cohort, result: Any, fitted: Any) -> dict[str, n
     if task == "forecast":
         return {"context": rng.standard_normal((1, P, result.window - result.horizon), dtype=np.float32),
                 "coords": coords}
-    window = _window_of(fitted.config) or 200
-    return {"signals": rng.standard_normal((1, P, window), dtype=np.float32), "coords": coords}
-
-
-def _window_of(config: dict[str, Any]) -> int | None:
-    backbone = config.get("backbone")
-    if not backbone:
-        return None
-    if backbone["type"] == "brainlm":
-        return int(backbone["model"]["window"])
-    from brainlm.released import WINDOW
-
-    return WINDOW
+    return {"signals": rng.standard_normal((1, P, result.window), dtype=np.float32), "coords": coords}
 
 
 def _requirements(config: dict[str, Any]) -> list[str]:

@@ -8,7 +8,8 @@
                 sex          M = 1, F = 0                   classification
     transforms  fitted on each fold's training subjects only, stored with every model they belong to
     models      brainlm        an MLP head on the backbone's CLS (or mean-token) embedding, fine-tuned
-                svr_embedding  SVR on the frozen backbone's embeddings (mean over a subject's windows)
+                ridge_embedding, svr_embedding  ridge / SVR on the frozen backbone's pooled embeddings (mean
+                               over a subject's windows): linear and kernel probes of what pretraining learned
                 svr_fc, ridge_fc  on functional connectivity: upper triangle of the parcel correlations, Fisher z
     metrics     per fold, on the transformed scale: MSE, R², Pearson r (classification: balanced accuracy, AUC);
                 the mean with a 95 % t-interval across folds
@@ -51,7 +52,8 @@ from brainlm.tasks.common import (
     train_steps,
 )
 
-MODELS = ("brainlm", "svr_embedding", "svr_fc", "ridge_fc")
+MODELS = ("brainlm", "ridge_embedding", "svr_embedding", "svr_fc", "ridge_fc")
+EMBEDDING_MODELS = ("ridge_embedding", "svr_embedding")
 PHQ9_CUTOFF = 10  # PHQ-9 >= 10: moderate depression or worse, the usual screening cut-off
 
 # target → (phenotype column, transform, task)
@@ -170,7 +172,7 @@ class ClinicalModel:
 class ClinicalResult:
     target: str
     task: str  # "regression" or "classification"
-    table: pd.DataFrame  # one row per model: each metric's mean across folds with its 95 % interval
+    table: pd.DataFrame  # one row per model: each metric's mean across folds with its 95 % interval (+ r2_pooled)
     fold_metrics: dict[str, list[dict[str, float]]]  # model → one dict per fold
     predictions: dict[str, np.ndarray]  # model → out-of-fold prediction per subject (transformed scale)
     truth: np.ndarray  # transformed target per subject, each with its own fold's transform
@@ -178,6 +180,7 @@ class ClinicalResult:
     fold_test_subjects: list[list[str]]  # in memory only: never logged
     fitted: dict[str, ClinicalModel]  # refitted on all subjects (empty with refit=False)
     sizes: dict[str, int]
+    window: int  # TRs per window the models read
 
 
 def run_clinical(cohort: Cohort, backbone: nn.Module, cfg: ClinicalConfig | None = None,
@@ -205,7 +208,7 @@ def run_clinical(cohort: Cohort, backbone: nn.Module, cfg: ClinicalConfig | None
     if {"svr_fc", "ridge_fc"} & set(cfg.models):
         features["fc"] = np.stack([np.mean([fc_features(np.asarray(cohort.recording(r))) for r in recordings[p]],
                                            axis=0) for p in people])
-    if "svr_embedding" in cfg.models:
+    if set(EMBEDDING_MODELS) & set(cfg.models):
         frozen = backbone.to(cfg.device).eval()
         features["embedding"] = np.stack([
             batched(lambda x: frozen.embed(x, coords, cfg.pooling), windows[p].signals, cfg.batch_size,
@@ -238,10 +241,13 @@ def run_clinical(cohort: Cohort, backbone: nn.Module, cfg: ClinicalConfig | None
                              recordings, cfg, task, coords, transform, progress, tag=f"{name} all")
                   for name in [m for m in MODELS if m in cfg.models]}
     table = _table(fold_metrics, task)
+    if task == "regression":  # R² of all out-of-fold predictions together: steadier than small folds' mean
+        table["r2_pooled"] = [r2_score(truth, oof[name]) for name in table.index]
     return ClinicalResult(target=cfg.target, task=task, table=table, fold_metrics=fold_metrics, predictions=oof,
                           truth=truth, fold_transforms=transforms, fold_test_subjects=[[people[i] for i in t]
                                                                                         for _, t in folds],
-                          fitted=fitted, sizes={"subjects": len(people), "folds": len(folds)})
+                          fitted=fitted, sizes={"subjects": len(people), "folds": len(folds)},
+                          window=backbone.window)
 
 
 def _labelled(cohort: Cohort, column: str, cfg: ClinicalConfig) -> tuple[list[str], np.ndarray]:
@@ -286,15 +292,15 @@ def _fit(name: str, backbone: nn.Module, cohort: Cohort, train_people: list[str]
         return ClinicalModel(name, ClinicalHead.kind, {**base, **head.config()}, module=head,
                              params={"steps": cfg.steps, "lr": cfg.lr, "encoder_lr_scale": cfg.encoder_lr_scale,
                                      "pooling": cfg.pooling})
-    source = "embedding" if name == "svr_embedding" else "fc"
+    source = "embedding" if name in EMBEDDING_MODELS else "fc"
     x = features[source][rows]
-    if name == "ridge_fc":
+    if name.startswith("ridge"):
         model: KernelModel | LinearModel = fit_linear_model(x, y, task, cfg.ridge_alphas, cfg.seed)
     else:
         model = fit_kernel_model(x, y, task, cfg.svr_c, cfg.seed)
     config = {**base, **model.config()}
     state = None
-    if name == "svr_embedding":
+    if name in EMBEDDING_MODELS:
         config |= {"backbone": backbone.describe(), "pooling": cfg.pooling}
         state = backbone.state_dict()
     return ClinicalModel(name, name, config, arrays=model.arrays(), params=model.config()["chosen"],
@@ -347,8 +353,8 @@ def _predict(model: ClinicalModel, features: dict[str, np.ndarray], rows: np.nda
                         for w in windows])
         head.cpu()
         return out
-    source = "embedding" if model.kind == "svr_embedding" else "fc"
-    cls = LinearModel if model.kind == "ridge_fc" else KernelModel
+    source = "embedding" if model.kind in EMBEDDING_MODELS else "fc"
+    cls = LinearModel if model.kind.startswith("ridge") else KernelModel
     return cls.from_arrays(model.config, model.arrays).decision(features[source][rows])
 
 
@@ -376,6 +382,8 @@ def _table(fold_metrics: dict[str, list[dict[str, float]]], task: str) -> pd.Dat
                 mean, low, high = np.tanh(mean_ci(np.arctanh(np.clip(values, -0.999999, 0.999999))))
             else:
                 mean, low, high = mean_ci(values)
+            if metric in ("balanced_accuracy", "auc"):  # bounded scores: so is their interval
+                low, high = max(low, 0.0), min(high, 1.0)
             row |= {metric: mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high}
         rows[model] = row
     table = pd.DataFrame.from_dict(rows, orient="index")

@@ -104,11 +104,11 @@ class TaskPredictor:
     def _clinical(self, signals: np.ndarray, coords: torch.Tensor | None) -> np.ndarray:
         if self.module is not None:
             return self.module(torch.from_numpy(signals), coords).numpy()
-        if self.kind == "svr_embedding":
+        if self.kind in ("ridge_embedding", "svr_embedding"):
             features = self.backbone.embed(torch.from_numpy(signals), coords, self.config["pooling"]).numpy()
         else:
             features = np.stack([fc_features(x) for x in signals])
-        cls = LinearModel if self.kind == "ridge_fc" else KernelModel
+        cls = LinearModel if self.kind.startswith("ridge") else KernelModel
         return cls.from_arrays(self.config, self.arrays).decision(features)
 
 
@@ -131,6 +131,6 @@ def _build_module(config: dict[str, Any]) -> nn.Module | None:
 
             return ClinicalHead(build_backbone(config["backbone"]), config["pooling"], int(config["hidden"]),
                                 int(config["n_parcels"]))
-        if kind in ("svr_embedding", "svr_fc", "ridge_fc"):
+        if kind in ("ridge_embedding", "svr_embedding", "svr_fc", "ridge_fc"):
             return None
     raise TaskError(f"unknown task model: task {config['task']!r}, kind {kind!r}")

@@ -15,7 +15,7 @@ from brainlm import registry
 from brainlm.config import load_settings
 
 FORECAST = ["brainlm", "scratch", "lstm", "ode", "var", "ar1", "persistence"]
-CLINICAL = ["brainlm", "svr_embedding", "svr_fc", "ridge_fc"]
+CLINICAL = ["brainlm", "ridge_embedding", "svr_embedding", "svr_fc", "ridge_fc"]
 
 
 @pytest.mark.slow
@@ -34,7 +34,7 @@ def test_evaluate_flow_registers_every_model_beside_its_baselines(home, pretrain
     assert list(results[0]["table"]) == FORECAST and list(results[1]["table"]) == CLINICAL
     names = {row["name"]: row for row in registry.list_models(settings=settings)}
     expected = ["brainlm-forecast", *(f"baseline-forecast-{m}" for m in FORECAST[1:]), "brainlm-clinical-age",
-                "baseline-clinical-age-svr-embedding", "baseline-clinical-age-svr-fc", "baseline-clinical-age-ridge-fc"]
+                "baseline-clinical-age-ridge-embedding", "baseline-clinical-age-svr-embedding", "baseline-clinical-age-svr-fc", "baseline-clinical-age-ridge-fc"]
     assert set(expected) <= set(names)
     client = MlflowClient(settings.tracking_uri())
     for name in expected:

@@ -71,15 +71,15 @@ def test_evaluate_command_accepts_a_released_checkpoint_folder(released_dir, hom
 
     from brainlm.cli import main
 
-    task_cohort, _ = synthetic_stores(home / "synth", SynthConfig(subjects=6, timepoints=220,
-                                                                   recordings_per_subject=1, seed=1), 5)
+    task_cohort, _ = synthetic_stores(home / "synth", SynthConfig(subjects=4, timepoints=200,
+                                                                   recordings_per_subject=1, seed=1), 3)
     code = main(["evaluate", "--task", "forecast", "--cohort", str(task_cohort), "--model", str(released_dir),
-                 "--steps", "2", "--models", "brainlm,scratch,var,persistence"])
+                 "--steps", "2", "--models", "brainlm,scratch,ar1,persistence"])
     out, err = capsys.readouterr()
     assert code == 0, err
     table = out[out.index("model "):]
-    assert [line.split()[0] for line in table.splitlines()[2:6]] == ["brainlm", "scratch", "var", "persistence"]
-    assert "brainlm-forecast" in out and "baseline-forecast-var" in out
+    assert [line.split()[0] for line in table.splitlines()[2:6]] == ["brainlm", "scratch", "ar1", "persistence"]
+    assert "brainlm-forecast" in out and "baseline-forecast-ar1" in out
     from brainlm import registry
 
     [row] = registry.list_models("brainlm-forecast", load_settings())

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.subjects, args.pretrain_subjects, args.parcels, args.timepoints = 16, 8, 16, 300
+        args.subjects, args.pretrain_subjects, args.parcels, args.timepoints = 16, 8, 20, 300
         args.pretrain_steps, args.finetune_steps, args.folds, args.window = 20, 5, 2, 100
     torch.set_num_threads(args.threads)
     synth = SynthConfig(subjects=args.subjects + args.pretrain_subjects, timepoints=args.timepoints,

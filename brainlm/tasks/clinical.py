@@ -384,6 +384,8 @@ def _table(fold_metrics: dict[str, list[dict[str, float]]], task: str) -> pd.Dat
                 mean, low, high = mean_ci(values)
             if metric in ("balanced_accuracy", "auc"):  # bounded scores: so is their interval
                 low, high = max(low, 0.0), min(high, 1.0)
+            elif metric == "mse":
+                low = max(low, 0.0)
             row |= {metric: mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high}
         rows[model] = row
     table = pd.DataFrame.from_dict(rows, orient="index")

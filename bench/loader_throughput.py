@@ -1,8 +1,9 @@
-"""Loader throughput alone: windows/s of DataLoader(WindowDataset) for several worker counts.
+"""Loader throughput alone: windows/s of the training DataLoader for several worker counts.
 
 The training loader must never starve the GPU: the target is at least 5x the training rate. This times the
-same pieces training uses (`open_cohort` + `WindowDataset`: memory-mapped random crops; a DataLoader with
-pinned memory on CUDA and persistent workers) and nothing else: no model, no copy to the GPU.
+same pieces training uses (`open_cohort` + `brainlm.engine.RandomCrops` drawn by `StepSampler`: memory-mapped
+random crops, one batch per step; a DataLoader with pinned memory on CUDA and persistent workers) and nothing
+else: no model, no copy to the GPU.
 
 By default it writes a throwaway cohort straight to the store contract in DESIGN.md (random float32
 parcels x time recordings; the values do not change read speed), because `brainlm ingest` needs Great
@@ -29,7 +30,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from brainlm.data.atlas import Atlas, load_atlas
-from brainlm.data.store import WindowDataset, open_cohort
+from brainlm.data.store import open_cohort
+from brainlm.engine import RandomCrops, StepSampler
 
 TARGET_RATIO = 5.0  # the issue: the loader alone at least 5x the training rate
 
@@ -61,15 +63,11 @@ def write_cohort(path: Path, recordings: int, parcels: int, timepoints: int, see
     return path
 
 
-def time_loader(dataset: WindowDataset, batch: int, workers: int, pin: bool, batches: int,
+def time_loader(dataset: RandomCrops, batch: int, workers: int, pin: bool, batches: int,
                 warmup: int) -> dict[str, float]:
-    """Windows/s over `batches` batches, after `warmup` batches that start the workers and fill the cache."""
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                        pin_memory=pin, persistent_workers=workers > 0)
-    needed = warmup + batches
-    if len(loader) < needed:
-        raise SystemExit(f"{len(dataset)} windows give {len(loader)} batches of {batch}; need {needed}: "
-                         f"raise --recordings or --crops")
+    """Windows/s over `batches` batches (steps), after `warmup` that start the workers and fill the cache."""
+    loader = DataLoader(dataset, batch_size=batch, sampler=StepSampler(0, warmup + batches, batch),
+                        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -101,8 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parcels", type=int, default=424)
     p.add_argument("--timepoints", type=int, default=490, help="TRs per generated recording")
     p.add_argument("--window", type=int, default=200)
-    p.add_argument("--crops", type=int, default=None,
-                   help="crops_per_recording (default: enough for the warm-up and timed batches)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="DataLoader worker counts (default: 0 1 2 4 ... up to the CPU count)")
@@ -136,10 +132,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                               args.timepoints))
             print(f"wrote a {args.recordings}-recording cohort ({args.parcels} parcels x {args.timepoints} TRs) "
                   f"in {time.perf_counter() - t0:.1f} s")
-        needed = (args.warmup + args.batches) * args.batch
-        crops = args.crops or -(-needed // len(cohort.recording_ids))  # ceil: one epoch covers the timing
-        dataset = WindowDataset(cohort, cohort.recording_ids, args.window, crops, seed=0)
-        print(f"{len(dataset)} windows ({crops} per recording) of {cohort.n_parcels} x {args.window} float32 "
+        dataset = RandomCrops(cohort, cohort.recording_ids, args.window, seed=0)
+        print(f"random crops of {len(cohort.recording_ids)} recordings, {cohort.n_parcels} x {args.window} float32 "
               f"({cohort.n_parcels * args.window * 4 / 1e6:.2f} MB each); batch {args.batch}; pin_memory={pin}; "
               f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, 1-min load average {os.getloadavg()[0]:.1f}")
         print(f"{'workers':>7} {'windows/s':>10} {'ms/batch':>9} {'MB/s':>8}" + (f" {'x train':>8}" if rate else ""))

@@ -12,7 +12,7 @@ from prefect import flow, task
 from prefect.settings import PREFECT_HOME
 
 from brainlm import pipelines
-from brainlm.config import load_settings
+from brainlm.config import load_settings, to_dict
 from flows.pretrain import DEFAULT_COHORT, STEP, pretrain
 
 
@@ -27,15 +27,12 @@ def ingest(src: str, cohort: str) -> str:
 
 
 @flow(name="demo", log_prints=True)
-def demo(cohort: str = DEFAULT_COHORT, epochs: int = pipelines.DEMO_TRAIN.epochs) -> pipelines.PretrainResult:
+def demo(cohort: str = DEFAULT_COHORT, steps: int = pipelines.DEMO_TRAIN.steps) -> pipelines.PretrainResult:
     """Synthesize `data/raw/<cohort>` (once), ingest it as `cohort`, pretrain the tiny preset, register it."""
     settings = load_settings()
     src = synthesize(str(settings.data_dir / "raw" / cohort))
     ingest(src, cohort)
-    result = pretrain(
-        cohort=cohort, preset="tiny", epochs=epochs, batch_size=pipelines.DEMO_TRAIN.batch_size,
-        num_workers=pipelines.DEMO_TRAIN.num_workers,
-    )
+    result = pretrain(cohort=cohort, preset="tiny", **{**to_dict(pipelines.DEMO_TRAIN), "steps": steps})
     print(pipelines.where_things_are(result, settings, prefect_home=str(PREFECT_HOME.value())))
     return result
 

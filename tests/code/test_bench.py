@@ -87,3 +87,25 @@ def test_model_overrides_are_typed_and_guarded():
     assert bench.parse_overrides(["decoder_heads=8", "mlp_ratio=2"]) == {"decoder_heads": 8, "mlp_ratio": 2.0}
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         bench.parse_overrides(["mask_ratio=0.5"])
+
+
+def test_the_engine_and_the_step_benches_import_with_torch_alone():
+    """A GPU machine without Ray, MLflow, Prefect or pandas runs bench/ and the engine: nothing else loads."""
+    refuse = ("ray", "mlflow", "prefect", "great_expectations", "dvc", "pandas", "nilearn")
+    code = (
+        "import importlib.abc, sys\n"
+        "class Refuse(importlib.abc.MetaPathFinder):\n"
+        f"    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {refuse!r}:\n"
+        "            raise ImportError(f'{name} imported')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import brainlm.engine, brainlm.checkpoint\n"
+        "for script in ('pretrain_throughput', 'profile_step'):\n"
+        "    import importlib.util\n"
+        f"    spec = importlib.util.spec_from_file_location(script, {str(BENCH)!r} + f'/{{script}}.py')\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr

@@ -91,7 +91,7 @@ def test_masked_r2_perfect_and_mean_prediction():
 def test_configs_round_trip_and_reject_unknown_keys():
     cfg = preset("13M", mask_ratio=0.5)
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg
-    tc = TrainConfig(epochs=3)
+    tc = TrainConfig(steps=3, betas=(0.8, 0.9))
     assert from_dict(TrainConfig, to_dict(tc)) == tc
     with pytest.raises(ValueError, match="unknown config keys"):
         from_dict(ModelConfig, {**to_dict(cfg), "hiden": 3})

@@ -95,6 +95,66 @@ def test_ingest_commits_only_its_own_files(home, tmp_path):
     assert staged == ["notes.txt"]
 
 
+def git(repo, *args):
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_same_input_twice_is_one_version_and_one_commit(home, tmp_path):
+    table_folder(tmp_path / "src")
+    first = ingest(tmp_path / "src", "lab", cfg=FAST)
+    second = ingest(tmp_path / "src", "lab", cfg=FAST)
+    assert (second.version.md5, second.version.rev) == (first.version.md5, first.version.rev)
+    assert len(versioning.versions(home)) == 1
+    assert git(home, "rev-list", "--count", "HEAD").strip() == "1"
+    assert git(home, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+def test_ingest_never_commits_into_a_repository_it_did_not_create(tmp_path, monkeypatch):
+    """A code checkout the user stands in: data is stored, versioned and pushed, git history is untouched;
+    naming the repository in BRAINLM_HOME makes it the user's data repository, where versions are commits."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "README.md").write_text("code\n")
+    git(checkout, "init", "-q")
+    git(checkout, "add", "README.md")
+    git(checkout, "-c", "user.name=dev", "-c", "user.email=dev@localhost", "commit", "-q", "-m", "code")
+    monkeypatch.delenv("BRAINLM_HOME", raising=False)
+    monkeypatch.chdir(checkout)
+    table_folder(tmp_path / "v1", seed=0)
+
+    report = ingest(tmp_path / "v1", "lab", cfg=FAST)
+
+    assert git(checkout, "log", "--format=%s") == "code\n"
+    assert report.version.rev is None and (checkout / "data.dvc").is_file()
+    [note] = [n for n in report.notes if "data.dvc" in n]
+    assert "not committed" in note and "BRAINLM_HOME" in note and "git -C" in note
+    assert any((checkout / ".brainlm" / "dvc-remote").rglob("*.dir")), "still pushed"
+
+    monkeypatch.setenv("BRAINLM_HOME", str(checkout))
+    known = table_folder(tmp_path / "v2", participants=2, seed=1)
+    report = ingest(tmp_path / "v2", "lab", cfg=FAST)
+    assert git(checkout, "log", "--format=%s").splitlines() == [report.version.message, "code"]
+    assert report.version.message == "ingest cohort lab: 4 recordings of 2 participants"
+    assert_cohort("lab", known)
+
+
+def test_remote_settings_stay_out_of_tracked_files(home, tmp_path, monkeypatch):
+    """The remote is machine-specific (.dvc/config.local); ingest never rewrites a tracked file."""
+    table_folder(tmp_path / "src")
+    ingest(tmp_path / "src", "lab", cfg=FAST)
+    tracked = {name: (home / name).read_bytes() for name in git(home, "ls-files").split()}
+    assert "remote" not in tracked[".dvc/config"].decode()
+
+    elsewhere = tmp_path / "shared-remote"
+    monkeypatch.setenv(versioning.REMOTE_ENV, str(elsewhere))
+    table_folder(tmp_path / "src2", participants=2, seed=3)
+    ingest(tmp_path / "src2", "lab", cfg=FAST)
+
+    changed = [name for name, data in tracked.items() if (home / name).read_bytes() != data]
+    assert changed == ["data.dvc"]  # the new version, and nothing else
+    assert any(elsewhere.rglob("*.dir")) and "shared-remote" in (home / ".dvc" / "config.local").read_text()
+
+
 def test_remote_url_must_be_a_directory_or_s3(home, monkeypatch):
     monkeypatch.setenv(versioning.REMOTE_ENV, "https://example.org/store")
     with pytest.raises(ValueError, match="s3://"):
@@ -132,6 +192,7 @@ def test_push_and_pull_through_s3(home, tmp_path, monkeypatch, s3_endpoint):
     assert listed["KeyCount"] > 0 and all(o["Key"].startswith("cohorts/files/md5/") for o in listed["Contents"])
     repo_text = "".join(p.read_text(errors="replace") for p in (home / ".dvc").glob("config*"))
     assert "s3://brainlm-data/cohorts" in repo_text and SECRET not in repo_text and "testing" not in repo_text
+    assert "s3://" not in (home / ".dvc" / "config").read_text()  # machine settings: config.local only
 
     wipe_local_copies(home)
     versioning.pull(home)

@@ -3,10 +3,13 @@
 Runs on Prefect's temporary local server (no `prefect server` needed) and the embedded defaults: MLflow on
 SQLite and the DVC remote under `.brainlm/`, Ray Train on local CPU workers. Then prints where everything is.
 
-    .venv/bin/python -m flows.demo
+    .venv/bin/python -m flows.demo [--epochs N]
 """
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 from prefect import flow, task
 from prefect.settings import PREFECT_HOME
@@ -28,9 +31,9 @@ def ingest(src: str, cohort: str) -> str:
 
 @flow(name="demo", log_prints=True)
 def demo(cohort: str = DEFAULT_COHORT, epochs: int = pipelines.DEMO_TRAIN.epochs) -> pipelines.PretrainResult:
-    """Synthesize `data/raw/<cohort>` (once), ingest it as `cohort`, pretrain the tiny preset, register it."""
+    """Synthesize the demo's input under `.brainlm/` (once), ingest it as `cohort`, pretrain tiny, register it."""
     settings = load_settings()
-    src = synthesize(str(settings.data_dir / "raw" / cohort))
+    src = synthesize(str(pipelines.demo_input_dir(cohort, settings)))
     ingest(src, cohort)
     result = pretrain(
         cohort=cohort, preset="tiny", epochs=epochs, batch_size=pipelines.DEMO_TRAIN.batch_size,
@@ -40,5 +43,17 @@ def demo(cohort: str = DEFAULT_COHORT, epochs: int = pipelines.DEMO_TRAIN.epochs
     return result
 
 
+def ensure_prefect_home() -> Path:
+    """Create PREFECT_HOME with its parents: Prefect makes only the last folder, and its temporary server
+    cannot open its database in a folder whose parent is missing (e.g. `.brainlm/` in a fresh clone)."""
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
 if __name__ == "__main__":
-    demo()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=pipelines.DEMO_TRAIN.epochs, help="pretraining epochs")
+    args = parser.parse_args()
+    ensure_prefect_home()
+    demo(epochs=args.epochs)

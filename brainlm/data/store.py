@@ -14,8 +14,8 @@ Every file is a function of the data alone: no timestamps, no absolute paths, no
 input always gives the same bytes, and the same DVC version. Recordings are opened with
 `np.load(mmap_mode="r")`, so a training crop reads only its window from disk.
 
-Imports numpy, pandas and torch only (no Great Expectations, DVC, Prefect, MLflow or Ray): the benchmarks
-use it on machines that have nothing else.
+Imports numpy and pandas only (torch when a window is read; no Great Expectations, DVC, Prefect, MLflow or
+Ray): the benchmarks use it on machines that have nothing else, and ingest's worker processes start fast.
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset
 
 from brainlm.config import Settings, load_settings
 from brainlm.data.atlas import Atlas, load_atlas
 from brainlm.errors import BrainLMError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 RECORDINGS = "recordings"
 MANIFEST = "manifest.csv"
@@ -162,8 +164,11 @@ def open_cohort(name_or_path: str | os.PathLike, settings: Settings | None = Non
     )
 
 
-class WindowDataset(Dataset):
+class WindowDataset:
     """Random `window`-TR crops of stored recordings: item i is a float32 tensor (parcels, window).
+
+    A map-style dataset for torch's DataLoader (`__len__` + `__getitem__`); torch is imported when the first
+    item is read, so writers of the store never load it.
 
     Item i crops recording `ids[i // crops_per_recording]` at an offset drawn from (seed, epoch, i), so a
     crop is reproducible, differs between items of the same recording, and changes when `set_epoch` moves
@@ -204,6 +209,8 @@ class WindowDataset(Dataset):
         return recording_id, int(rng.integers(0, last_start + 1))
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        import torch
+
         recording_id, start = self.locate(i)
         crop = self.cohort.recording(recording_id)[:, start : start + self.window]
         return torch.from_numpy(np.array(crop, dtype=np.float32))

@@ -61,8 +61,9 @@ def test_same_data_writes_the_same_bytes(tmp_path):
 
 
 def test_store_imports_without_the_platform_tools():
-    """bench/ writes and reads stores on machines with torch, numpy and pandas only."""
-    heavy = ("great_expectations", "dvc", "prefect", "mlflow", "ray", "nilearn", "sklearn")
+    """bench/ writes and reads stores on machines with torch, numpy and pandas only; ingest's workers write
+    through it and should not pay for importing torch."""
+    heavy = ("great_expectations", "dvc", "prefect", "mlflow", "ray", "nilearn", "sklearn", "torch")
     code = ("import sys, brainlm.data.store; "
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

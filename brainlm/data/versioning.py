@@ -11,6 +11,12 @@ repository's own config when it runs `git init`; a user may set the same key) or
 `$BRAINLM_HOME` names explicitly. In any other repository (a code checkout, say) it versions, validates and
 pushes the data but leaves git alone, and says in one line how to record the version.
 
+One copy on disk: DVC's cache links files into the store (`cache.type = hardlink,copy`). After `dvc add`, each
+stored file is a read-only hard link of its cache object, so store and cache share their bytes; only ingest
+writes the store, and always into new files (a temporary folder swapped in), never into a linked one, and a
+checkout replaces links rather than writing through them, so the cache cannot be corrupted by either. Copies
+happen only where a hard link cannot be made (a cache on another filesystem); `footprint` shows which.
+
 Configuration: the project-wide DVC settings live in the tracked `.dvc/config` and are written only when they
 differ, so an ingest never rewrites tracked files with new bytes. The remote is machine-specific and goes to
 the untracked `.dvc/config.local`: `$BRAINLM_DVC_REMOTE` (a directory, or `s3://bucket/prefix` with
@@ -25,7 +31,7 @@ import fcntl
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +51,10 @@ DEFAULT_REMOTE = ".brainlm/dvc-remote"  # relative to the home
 COMMIT_KEY = "brainlm.commitVersions"  # in a repository's own .git/config: brainlm commits data versions there
 # Half-built (`.NAME.tmp-*`) and replaced (`.NAME.old-*`) cohort folders never belong to a version.
 DVCIGNORE = "/data/cohorts/.*\n"
-# The tracked project settings (.dvc/config), the same on every machine.
-PROJECT_CONFIG = {"core": {"analytics": "False"}}
+# The tracked project settings (.dvc/config), the same on every machine. Hard links first: `dvc add` then
+# links each new file into the cache instead of copying it (DVC links on add only when hardlink comes first).
+CACHE_TYPES = "hardlink,copy"
+PROJECT_CONFIG = {"core": {"analytics": "False"}, "cache": {"type": CACHE_TYPES}}
 _GIT_IDENTITY = ("-c", "user.name=brainlm", "-c", "user.email=brainlm@localhost")
 _SEP = "\x1f"
 
@@ -246,6 +254,63 @@ def checkout(rev: str, home: str | Path | None = None) -> Version:
         except CheckoutError:  # the local cache lacks some files of that version: fetch them
             pull(home)
     return known[resolved]
+
+
+# -------------------------------------------------------------------------------------- footprint
+
+
+@dataclass(frozen=True)
+class Place:
+    """One place where cohort bytes live: the store (`data/`), DVC's cache, or the remote.
+
+    `size` is the apparent size of its files; `disk` the bytes the filesystem allocated for them (st_blocks),
+    counting a file hard-linked from a place listed before it (`linked` files) only there. None for a remote
+    that is not a local folder (S3: its objects' sizes are what it bills).
+    """
+
+    name: str
+    location: str
+    files: int
+    size: int
+    disk: int | None
+    linked: int = 0
+
+
+def footprint(home: str | Path | None = None) -> list[Place]:
+    """Where the bytes of `home`'s cohorts live and how much each place takes: store, cache, remote."""
+    home = _home(home)
+    with _repo(home) as repo:
+        cache = Path(repo.cache.local_cache_dir)
+        remote = repo.cloud.get_remote(repo.config["core"]["remote"]) if repo.config["core"].get("remote") else None
+        seen: set[tuple[int, int]] = set()
+        places = [_local_place("store", home / "data", seen), _local_place("cache", cache, seen)]
+        if remote is not None and remote.fs.protocol == "local":
+            places.append(_local_place("remote", Path(remote.path), seen))
+        elif remote is not None:
+            # fsspec's find (one listing, sizes included) under DVC's filesystem wrapper
+            objects = remote.fs.fs.find(remote.path, detail=True) if remote.fs.exists(remote.path) else {}
+            places.append(Place("remote", f"{remote.fs.protocol}://{remote.path}", len(objects),
+                                sum(int(info.get("size") or 0) for info in objects.values()), None))
+    return places
+
+
+def _local_place(name: str, root: Path, seen: set[tuple[int, int]]) -> Place:
+    files = size = disk = linked = 0
+    for path in _files(root):
+        st = path.lstat()
+        files += 1
+        size += st.st_size
+        if (st.st_dev, st.st_ino) in seen:
+            linked += 1
+        else:
+            seen.add((st.st_dev, st.st_ino))
+            disk += st.st_blocks * 512
+    return Place(name, str(root), files, size, disk, linked)
+
+
+def _files(root: Path) -> Iterable[Path]:
+    for folder, _, names in os.walk(root):
+        yield from (Path(folder) / n for n in names)
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -1,6 +1,7 @@
 """Cohort versions with real DVC: push/pull against a local remote and an S3 endpoint (moto, real wire
 protocol on 127.0.0.1), versions, checkout, lineage version, and no credentials in the repository."""
 
+import hashlib
 import shutil
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from test_ingest_inputs import FAST, expected_stored, stored_checksums, table_folder
 
+from brainlm.cli import main
 from brainlm.data import versioning
 from brainlm.data.ingest import ingest
 from brainlm.data.store import open_cohort
@@ -75,7 +77,9 @@ def test_versions_checkout_and_current_version(home, tmp_path):
 def test_hand_edited_data_is_dirty(home, tmp_path):
     table_folder(tmp_path / "src")
     ingest(tmp_path / "src", "lab", cfg=FAST)
-    (home / "data" / "cohorts" / "lab" / "manifest.csv").write_text("edited\n")
+    manifest = home / "data" / "cohorts" / "lab" / "manifest.csv"
+    manifest.unlink()  # stored files are read-only links into the cache: an edit replaces the file
+    manifest.write_text("edited\n")
     version = versioning.current_version(home)
     assert version.dirty and version.tag.endswith("-dirty")
 
@@ -93,6 +97,53 @@ def test_ingest_commits_only_its_own_files(home, tmp_path):
     staged = subprocess.run(["git", "-C", str(home), "diff", "--cached", "--name-only"],
                             capture_output=True, text=True, check=True).stdout.split()
     assert staged == ["notes.txt"]
+
+
+def disk_blocks(*roots):
+    """512-byte blocks allocated for the files under `roots`, each inode counted once (hard links share)."""
+    inodes = {}
+    for root in roots:
+        for path in (p for p in root.rglob("*") if p.is_file()):
+            st = path.stat()
+            inodes[(st.st_dev, st.st_ino)] = st.st_blocks
+    return sum(inodes.values())
+
+
+def file_bytes(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_store_and_cache_hold_one_copy_across_versions_and_checkouts(home, tmp_path, capsys):
+    """The store's files are read-only hard links of DVC's cache objects: one copy on disk, not two."""
+    table_folder(tmp_path / "v1", seed=0)
+    table_folder(tmp_path / "v2", participants=2, seed=1)
+    first = ingest(tmp_path / "v1", "lab", cfg=FAST).version
+    store, cache = home / "data", home / ".dvc" / "cache"
+    v1_bytes = file_bytes(store)
+    store_blocks, both_blocks = disk_blocks(store), disk_blocks(store, cache)
+    assert store_blocks > 0 and both_blocks < 1.2 * store_blocks, (store_blocks, both_blocks)
+    recordings = list((store / "cohorts" / "lab" / "recordings").iterdir())
+    assert recordings and all(p.stat().st_nlink == 2 and not p.stat().st_mode & 0o222 for p in recordings)
+    [store_place, cache_place, remote_place] = versioning.footprint(home)
+    assert cache_place.linked == store_place.files and cache_place.disk < 0.2 * store_place.disk
+    assert remote_place.size >= store_place.size  # the default local remote is a real copy (a backup)
+
+    second = ingest(tmp_path / "v2", "lab", cfg=FAST).version
+    v2_bytes = file_bytes(store)
+    versioning.checkout(first.rev, home)
+    assert file_bytes(store) == v1_bytes
+    versioning.checkout(second.rev, home)
+    assert file_bytes(store) == v2_bytes
+    assert disk_blocks(store, cache) < 1.2 * (disk_blocks(store) + store_blocks)  # two versions, one copy each
+    assert main(["data", "du"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:4]] == ["store", "cache", "remote"]
+    assert "hard links of the ones above" in out
+
+    objects = [p for p in (cache / "files" / "md5").rglob("*") if p.is_file() and p.suffix != ".dir"]
+    assert objects and all(hashlib.md5(p.read_bytes()).hexdigest() == p.parent.name + p.name for p in objects), (
+        "a cache object no longer holds the bytes its name hashes: something wrote through a link")
 
 
 def git(repo, *args):
@@ -193,6 +244,9 @@ def test_push_and_pull_through_s3(home, tmp_path, monkeypatch, s3_endpoint):
     repo_text = "".join(p.read_text(errors="replace") for p in (home / ".dvc").glob("config*"))
     assert "s3://brainlm-data/cohorts" in repo_text and SECRET not in repo_text and "testing" not in repo_text
     assert "s3://" not in (home / ".dvc" / "config").read_text()  # machine settings: config.local only
+    remote = versioning.footprint(home)[-1]
+    assert (remote.name, remote.location, remote.disk) == ("remote", "s3://brainlm-data/cohorts", None)
+    assert remote.files == listed["KeyCount"] and remote.size >= versioning.footprint(home)[0].size
 
     wipe_local_copies(home)
     versioning.pull(home)

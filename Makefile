@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -e '.[dev]' -c constraints.txt
 	touch $@
 
-# Prefect keeps the demo's flow runs under .brainlm/prefect, the same home `make serve` uses, so its UI shows them.
+# Prefect keeps the demo's flow runs under .brainlm/prefect, the same home `make serve` uses, so its UI shows them
+# (flows/demo.py creates the folder). The demo writes only untracked, git-ignored files in this checkout.
 demo: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.brainlm/prefect $(BIN)/python -m flows.demo
 

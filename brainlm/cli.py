@@ -77,6 +77,29 @@ def cmd_data_checkout(args: argparse.Namespace) -> None:
     print(f"data/ restored to version {args.rev}")
 
 
+def cmd_data_du(args: argparse.Namespace) -> None:
+    from brainlm.data.versioning import footprint
+
+    places = footprint()
+    print(f"{'place':<7} {'files':>7} {'size':>10} {'on disk':>10}  location")
+    for p in places:
+        disk = "-" if p.disk is None else _size(p.disk)
+        shared = f"  ({p.linked} files are hard links of the ones above: no extra bytes)" if p.linked else ""
+        print(f"{p.name:<7} {p.files:>7} {_size(p.size):>10} {disk:>10}  {p.location}{shared}")
+    local = sum(p.disk for p in places if p.disk is not None)
+    print(f"on this machine: {_size(local)} (size: what the files hold; on disk: blocks allocated, each "
+          f"hard-linked file counted once)")
+
+
+def _size(n: float) -> str:
+    """Bytes in decimal units: 950 B, 3.7 MB, 1.6 GB."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
 def cmd_data_export(args: argparse.Namespace) -> None:
     from brainlm.data.export import export_cohort
 
@@ -193,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = d.add_parser("checkout", help="restore data/ to a version")
     s.add_argument("rev")
     s.set_defaults(fn=cmd_data_checkout)
+    d.add_parser("du", help="where the cohort bytes live (store, DVC cache, remote) and how much each "
+                 "takes").set_defaults(fn=cmd_data_du)
     s = d.add_parser("export", help="write a stored cohort back out as .npy files + manifest.csv")
     s.add_argument("--cohort", required=True)
     s.add_argument("--out", required=True)

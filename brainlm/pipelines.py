@@ -259,6 +259,12 @@ DEMO_SYNTH = SynthConfig(subjects=24, timepoints=300, max_parcels=64, recordings
 DEMO_TRAIN = TrainConfig(steps=200, eval_every=50, warmup_steps=20, batch_size=16, num_workers=1)
 
 
+def demo_input_dir(cohort: str, settings: Settings | None = None) -> Path:
+    """Where the demo writes its synthetic input: local state, outside the versioned `data/` (it is
+    regenerated from a seed, not a lab's data)."""
+    return (settings or load_settings()).state_dir / "raw" / cohort
+
+
 def synthesize_demo(out_dir: str | Path, cfg: SynthConfig = DEMO_SYNTH) -> Path:
     """A synthetic input folder at `out_dir`, written once: a complete folder is reused as it is.
 

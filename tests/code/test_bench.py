@@ -65,6 +65,20 @@ def test_loader_throughput_times_each_worker_count_against_the_training_rate(tra
     assert [r["workers"] for r in saved["results"]] == [0, 1] and saved["train_rate"] > 0
 
 
+@pytest.mark.slow
+def test_ingest_footprint_prints_time_memory_and_bytes_per_place(tmp_path):
+    out = run("ingest_footprint.py", "--recordings", "3", "6", "--parcels", "16", "--timepoints", "220",
+              "--workers", "1", "--dir", str(tmp_path), "--json", str(tmp_path / "footprint.json"))
+    assert "store disk" in out and "cache disk" in out and "remote disk" in out
+    rows = json.loads((tmp_path / "footprint.json").read_text())
+    assert [r["recordings"] for r in rows] == [3, 6]
+    for r in rows:
+        assert r["seconds"] > 0 and r["peak_rss_mb"] > 0 and r["store_bytes"] > 0
+        assert r["cache_disk"] < r["store_disk"]  # hard links: the cache adds little beyond the store
+        assert r["remote_bytes"] >= r["store_bytes"]  # the default local remote is a copy
+    assert not any(tmp_path.glob("brainlm-ingest-footprint-*")), "inputs and homes are removed afterwards"
+
+
 def test_profile_step_prints_the_top_ops_table():
     out = run("profile_step.py", "--preset", "tiny", "--steps", "1", "--warmup", "1", "--batch", "2",
               "--parcels", "16", "--threads", "1", "--rows", "5")

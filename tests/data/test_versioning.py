@@ -8,7 +8,7 @@ import subprocess
 import boto3
 import numpy as np
 import pytest
-from test_ingest_inputs import FAST, expected_stored, stored_checksums, table_folder
+from fixtures_ingest import FAST, expected_stored, stored_checksums, table_folder
 
 from brainlm.data import versioning
 from brainlm.data.ingest import ingest

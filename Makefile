@@ -31,7 +31,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.brainlm/prefect $(BIN)/python -m flows.demo
 
+# The layering rules first (import-linter contracts in pyproject.toml: DESIGN.md's one home per concern).
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -45,6 +47,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check brainlm flows bench tests
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .brainlm

@@ -63,7 +63,7 @@ GPU_PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION}
 
-# The pretraining run the issue prices: 77k recordings × 100 epochs, one window per recording per epoch.
+# The reference run: 77k recordings × 100 epochs (one window per recording per epoch) in 12 GPU-hours.
 RUN_RECORDINGS, RUN_EPOCHS, RUN_BUDGET_GPU_HOURS = 77_000, 100, 12.0
 
 # FlopCounterMode knows the CUDA SDPA kernels (flash, memory-efficient, cuDNN) but not the CPU flash kernel,

@@ -15,7 +15,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from test_ingest_inputs import (
+from fixtures_ingest import (
     AFFINE,
     FAST,
     GRID,

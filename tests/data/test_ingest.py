@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from test_ingest_inputs import (
+from fixtures_ingest import (
     FAST,
     INDEX,
     bids_folder,

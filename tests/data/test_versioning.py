@@ -9,7 +9,7 @@ import subprocess
 import boto3
 import numpy as np
 import pytest
-from test_ingest_inputs import FAST, expected_stored, stored_checksums, table_folder
+from fixtures_ingest import FAST, expected_stored, stored_checksums, table_folder
 
 from brainlm.cli import main
 from brainlm.data import versioning

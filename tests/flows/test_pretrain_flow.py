@@ -5,6 +5,7 @@ import re
 import pandas as pd
 import pytest
 from fixtures_cohort import make_cohort
+from fixtures_prefect import flow_run_states
 from mlflow import MlflowClient
 
 from brainlm import pipelines, registry
@@ -20,8 +21,13 @@ def test_pretrain_flow_registers_a_challenger(home, assert_no_participant_ids):
     settings = load_settings()
     cohort = open_cohort(make_cohort(settings.cohorts_dir / "fixture", n_participants=8, parcels=16, timepoints=240))
 
-    result = pretrain(cohort="fixture", preset="tiny", steps=5, eval_every=3, batch_size=8, num_workers=1, lr=1e-3,
-                      betas=[0.8, 0.9], use_gpu=False)
+    state = pretrain(cohort="fixture", preset="tiny", steps=5, eval_every=3, batch_size=8, num_workers=1, lr=1e-3,
+                     betas=[0.8, 0.9], use_gpu=False, return_state=True)
+    result = state.result()
+
+    # Prefect ran it: the flow run and a task run per step, COMPLETED, as its API reports them.
+    tasks = dict.fromkeys(["load cohort", "check shape", "train", "register"], "COMPLETED")
+    assert flow_run_states(state.state_details.flow_run_id) == ("pretrain", "COMPLETED", tasks)
 
     assert isinstance(result, pipelines.PretrainResult)
     assert (result.model_name, result.version, result.alias) == (settings.mlflow.pretrained_model, "1", "challenger")

@@ -1,6 +1,4 @@
-"""Flows tests: a Prefect test server for the tests that run flows, and no MLflow state across tests."""
-
-import os
+"""Flows tests: a Prefect test server for the tests that run flows, and a check of what MLflow stored."""
 
 import pytest
 
@@ -16,18 +14,6 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=None):
         yield
-
-
-@pytest.fixture(autouse=True)
-def _forget_tracking_uri():
-    """registry.configure exports MLFLOW_TRACKING_URI (as MLflow does, for child processes such as Ray
-    workers); put it back afterwards so the next test's home is not pointed at this test's store."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture

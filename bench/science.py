@@ -3,8 +3,9 @@ against its baselines on the same subjects, printed as tables.
 
 One synthetic population (same dynamics, same phenotype effects) is split by subject: a pretraining cohort and a
 disjoint task cohort, so no subject a task tests on was seen in pretraining. BrainLM (`--preset`) is pretrained
-with a plain torch loop on the pretraining cohort, then every task runs on the task cohort through the same
-library calls `brainlm evaluate` makes (without MLflow). Each task is one function returning its table, so more
+on the pretraining cohort by the training engine itself (brainlm/engine.py: the launcher's loaders, steps and
+evaluation, without Ray or MLflow), then every task runs on the task cohort through the same library calls
+`brainlm evaluate` makes (without MLflow). Each task is one function returning its table, so more
 sections (e.g. network classification) are added as more functions in `SECTIONS`.
 
     PYTHONPATH=. .venv/bin/python bench/science.py                      # about 30 min on 2 busy CPU cores
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,70 +25,68 @@ import numpy as np
 import pandas as pd
 import torch
 
-from brainlm.config import ClinicalConfig, ForecastConfig, SynthConfig, TrainConfig, preset
+from brainlm.config import ClinicalConfig, ForecastConfig, ModelConfig, SynthConfig, TrainConfig, preset
+from brainlm.data import store
 from brainlm.data.atlas import load_atlas
 from brainlm.data.scaling import robust_scale
 from brainlm.data.store import Cohort, open_cohort
 from brainlm.data.synthetic import synthesize
+from brainlm.engine import (
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    evaluation_steps,
+    make_loaders,
+    train_steps,
+)
 from brainlm.model import BrainLM
 from brainlm.tasks.clinical import run_clinical
-from brainlm.tasks.common import BrainLMBackbone, crop_batches, table_markdown, table_text
+from brainlm.tasks.common import BrainLMBackbone, table_markdown, table_text
 from brainlm.tasks.forecast import run_forecast
-from brainlm.train import build_optimizer, evaluate, lr_lambda, train_step
+
+CPU = torch.device("cpu")
 
 
-def store(src: Path, out: Path, participants: set[str]) -> Path:
-    """The recordings of `participants` from a synthetic input folder, as a stored cohort (robust-scaled)."""
-    (out / "recordings").mkdir(parents=True)
+def store_cohort(src: Path, out: Path, participants: set[str]) -> Path:
+    """The recordings of `participants` from a synthetic input folder, as a stored cohort (robust-scaled), written
+    by the store's own writers."""
     rows = []
     for file in sorted(src.glob("sub-*.npy")):
-        participant = file.stem.split("_")[0]
-        if participant not in participants:
-            continue
-        stored = robust_scale(np.load(file), axis=0).T.copy()
-        np.save(out / "recordings" / file.name, stored)
-        rows.append({"recording": file.stem, "participant": participant,
-                     "condition": file.stem.split("_")[1].removeprefix("task-"), "timepoints": stored.shape[1],
-                     "parcels": stored.shape[0], "checksum": hashlib.sha256(stored.tobytes()).hexdigest(),
-                     "source": file.name})
-    pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
-    load_atlas(src / "atlas.tsv").to_tsv(out / "atlas.tsv")
-    phenotypes = pd.read_csv(src / "participants.tsv", sep="\t")
-    phenotypes[phenotypes["participant_id"].isin(participants)].to_csv(out / "participants.tsv", sep="\t",
-                                                                       index=False)
-    (out / "cohort.json").write_text(json.dumps({"name": out.name, "n_recordings": len(rows),
-                                                 "n_parcels": int(rows[0]["parcels"]), "atlas": "synthetic"}))
-    return out
+        participant, condition = file.stem.split("_")[0], file.stem.split("_")[1].removeprefix("task-")
+        if participant in participants:
+            stored = robust_scale(np.load(file), axis=0).T.copy()  # parcels × time float32
+            store.write_recording(out, file.stem, stored)
+            rows.append(store.manifest_row(file.stem, participant, condition, file.name, stored))
+    phenotypes = pd.read_csv(src / "participants.tsv", sep="\t", dtype={"participant_id": str})
+    return store.write_cohort(out, pd.DataFrame(rows), load_atlas(src / "atlas.tsv"),
+                              phenotypes[phenotypes["participant_id"].isin(participants)])
 
 
 def cohorts(root: Path, cfg: SynthConfig, task_subjects: int) -> tuple[Cohort, Cohort]:
     """(task cohort, pretraining cohort) from one synthetic population, split by subject."""
     src = synthesize(root / "raw", cfg)
     people = pd.read_csv(src / "participants.tsv", sep="\t")["participant_id"].tolist()
-    return (open_cohort(store(src, root / "task", set(people[:task_subjects]))),
-            open_cohort(store(src, root / "pretrain", set(people[task_subjects:]))))
+    return (open_cohort(store_cohort(src, root / "task", set(people[:task_subjects]))),
+            open_cohort(store_cohort(src, root / "pretrain", set(people[task_subjects:]))))
 
 
-def pretrain(cohort: Cohort, model_cfg, train_cfg: TrainConfig, steps: int) -> tuple[BrainLM, dict]:
-    """A plain torch loop with the trainer's own step; returns the model and its held-out masked-MSE ratio."""
+def pretrain(cohort: Cohort, model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[BrainLM, dict]:
+    """The engine's pretraining without Ray: its loaders, steps and evaluation points (every `eval_every` steps,
+    on held-out subjects' fixed masks). Returns the model and its last held-out masked MSE / predicting zero's."""
     torch.manual_seed(train_cfg.seed)
     model = BrainLM(model_cfg)
-    optimizer = build_optimizer(model, train_cfg, "cpu")
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, train_cfg))
-    split = cohort.split(0.1, 0.0, 0)
-    coords = torch.as_tensor(cohort.atlas.coords)
-    batches = crop_batches(cohort, split["train"], model_cfg.window, 8, train_cfg.batch_size, train_cfg.seed)
-    val = torch.utils.data.DataLoader(cohort.window_dataset(split["val"], model_cfg.window, 4, 1), batch_size=32)
-    start = time.perf_counter()
-    for step in range(steps):
-        train_step(model, next(batches), coords, optimizer, schedule, train_cfg, torch.device("cpu"))
-        if (step + 1) % max(1, steps // 5) == 0:
-            m = evaluate(model, val, coords, torch.device("cpu"), model_cfg.mask_ratio, 0)
-            print(f"  pretrain step {step + 1}/{steps}: val masked MSE {m['masked_mse']:.4f} "
-                  f"({m['masked_mse'] / m['zero_mse']:.3f} × predicting zero)", flush=True)
-    m = evaluate(model, val, coords, torch.device("cpu"), model_cfg.mask_ratio, 0)
-    return model.eval(), {"val_masked_mse_vs_zero": m["masked_mse"] / m["zero_mse"],
-                          "pretrain_seconds": time.perf_counter() - start}
+    optimizer = build_optimizer(model, train_cfg, CPU)
+    scheduler = build_scheduler(optimizer, train_cfg)
+    loaders = make_loaders(cohort, model_cfg, train_cfg, CPU)
+    batches, coords = iter(loaders.train), torch.as_tensor(cohort.atlas.coords)
+    step, seconds = 0, 0.0
+    for stop in evaluation_steps(0, train_cfg):
+        _, took = train_steps(model, batches, stop - step, coords, optimizer, scheduler, train_cfg, CPU)
+        step, seconds = stop, seconds + took
+        m = evaluate(model, loaders.val, coords, CPU, model_cfg.mask_ratio)
+        print(f"  pretrain step {step}/{train_cfg.steps}: val masked MSE {m['masked_mse']:.4f} "
+              f"({m['masked_mse'] / m['zero_mse']:.3f} × predicting zero)", flush=True)
+    return model.eval(), {"val_masked_mse_vs_zero": m["masked_mse"] / m["zero_mse"], "pretrain_seconds": seconds}
 
 
 # ------------------------------------------------------------------------------------------- sections
@@ -164,14 +161,16 @@ def main(argv: list[str] | None = None) -> None:
     synth = SynthConfig(subjects=args.subjects + args.pretrain_subjects, timepoints=args.timepoints,
                         max_parcels=args.parcels, noise=args.noise, seed=args.seed)
     model_cfg = preset(args.preset, window=args.window, mask_ratio=0.5, decoder_hidden=64)
-    train_cfg = TrainConfig(lr=3e-3, batch_size=16, warmup_fraction=0.05, seed=args.seed)
+    train_cfg = TrainConfig(steps=args.pretrain_steps, eval_every=max(1, args.pretrain_steps // 5), lr=3e-3,
+                            batch_size=16, warmup_steps=round(0.05 * args.pretrain_steps), val_fraction=0.1,
+                            test_fraction=0.0, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         task, pre = cohorts(Path(tmp), synth, args.subjects)
         print(f"# brainlm science bench: {args.subjects} task + {args.pretrain_subjects} pretraining subjects × "
               f"{synth.recordings_per_subject} recordings × {args.timepoints} TRs, {task.n_parcels} parcels, noise "
               f"{args.noise}; {args.preset} (window {args.window}, mask 0.5, decoder 64), {args.pretrain_steps} "
               f"pretraining and {args.finetune_steps} fine-tuning steps\n", flush=True)
-        model, info = pretrain(pre, model_cfg, train_cfg, args.pretrain_steps)
+        model, info = pretrain(pre, model_cfg, train_cfg)
         print(f"pretrained: val masked MSE {info['val_masked_mse_vs_zero']:.3f} × predicting zero "
               f"({info['pretrain_seconds']:.0f} s)\n", flush=True)
         for name in args.sections:

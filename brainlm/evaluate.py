@@ -29,12 +29,11 @@ from torch import nn
 
 import brainlm
 from brainlm import registry
-from brainlm.config import ClinicalConfig, ForecastConfig, Settings, load_settings, to_dict
+from brainlm.config import TASKS, ClinicalConfig, ForecastConfig, Settings, load_settings, to_dict
 from brainlm.data.store import Cohort, open_cohort
 from brainlm.tasks import plots
 from brainlm.tasks.common import Progress, TaskError, table_markdown, table_text
 
-TASKS = ("forecast", "clinical")
 PRETRAINED_TAG = "pretrained_model"
 TASK_TAG, TARGET_TAG, MODEL_TAG = "task", "target", "model"
 
@@ -99,7 +98,7 @@ def evaluate(task: str, cohort: str | Path | Cohort, model: str, *, target: str 
     settings = settings or load_settings()
     backbone, lineage = resolve_backbone(model, settings)  # a released folder is read before MLflow is touched
     opened = cohort if isinstance(cohort, Cohort) else open_cohort(cohort, settings)
-    settings = registry.configure(settings)
+    registry.configure(settings)
     version = data_version(opened, settings) or registry.UNVERSIONED
     if task == "forecast":
         from brainlm.tasks.forecast import run_forecast
@@ -121,18 +120,18 @@ def evaluate(task: str, cohort: str | Path | Cohort, model: str, *, target: str 
     params = {"config": to_dict(cfg), "model_uri": _loggable(model), "sizes": result.sizes}
     check_no_participant_ids(opened, params, tags, {"run_name": run_name})
     progress("logging to MLflow and registering every model")
-    parent = registry.start_run(settings.mlflow.tasks_experiment, run_name, params, tags, settings)
+    parent = registry.start_run(settings.mlflow.tasks_experiment, run_name, params, tags, settings=settings)
     try:
         registered = {}
         for name in result.table.index:
             registered[name] = _log_model_run(task, target, name, result, opened, parent, tags, settings)
         _log_comparison(task, result, parent, settings)
-    except BaseException:
-        registry.end_run(parent, "FAILED", settings)
+        registry.log_metrics(parent, {f"{name}.{k}": v for name, row in result.table.iterrows()
+                                      for k, v in row.items()}, step=0, settings=settings)
+    except BaseException as e:
+        registry.end_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", settings=settings)
         raise
-    registry.log_metrics(parent, {f"{name}.{k}": v for name, row in result.table.iterrows() for k, v in row.items()},
-                         step=0, settings=settings)
-    registry.end_run(parent, "FINISHED", settings)
+    registry.end_run(parent, "FINISHED", settings=settings)
     return EvaluationResult(task=task, target=target, cohort=opened.name, table=result.table, run_id=parent,
                             registered=registered, result=result)
 
@@ -161,7 +160,7 @@ def _log_model_run(task: str, target: str | None, name: str, result: Any, cohort
     run_name = f"{task}{'-' + target if target else ''}-{name}-{cohort.name}"
     check_no_participant_ids(cohort, fitted.params, run_tags, {"run_name": run_name})
     run_id = registry.start_run(settings.mlflow.tasks_experiment, run_name, {"model": name, **fitted.params},
-                                run_tags, settings)
+                                run_tags, settings=settings)
     try:
         registry.log_metrics(run_id, row.to_dict(), step=0, settings=settings)
         _log_metric_series(task, name, result, run_id, settings)
@@ -177,8 +176,8 @@ def _log_model_run(task: str, target: str | None, name: str, result: Any, cohort
                 output_example=predictor.predict(example), metrics=_numeric(row), tags=tags,
                 code=registry.SERVING_TASKS_CODE, pip_requirements=requirements, settings=settings,
             )
-    except BaseException:
-        registry.end_run(run_id, "FAILED", settings)
+    except BaseException as e:
+        registry.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", settings=settings)
         raise
     return f"{version.name}/{version.version}"
 

@@ -12,7 +12,7 @@ from prefect import flow, task
 
 from brainlm import evaluate as evaluation
 from brainlm import pipelines
-from brainlm.config import ClinicalConfig, ForecastConfig
+from brainlm.config import ClinicalConfig, ForecastConfig, with_options
 from flows.pretrain import STEP
 
 
@@ -40,8 +40,8 @@ def evaluate(cohort: str, model: str, targets: list[str] | None = None, steps: i
     targets: the clinical targets to run (default: every one the cohort's phenotypes allow).
     steps / folds: None keeps the task configs' budgets.
     """
-    forecast_cfg = pipelines.with_overrides(ForecastConfig(), steps=steps)
-    clinical_cfg = pipelines.with_overrides(ClinicalConfig(), steps=steps, folds=folds)
+    forecast_cfg = with_options(ForecastConfig(), steps=steps)
+    clinical_cfg = with_options(ClinicalConfig(), steps=steps, folds=folds)
     results = []
     for name, target in plan(cohort, targets):
         if name == "forecast" and not forecast:

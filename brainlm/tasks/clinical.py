@@ -38,25 +38,29 @@ from brainlm.baselines.clinical import (
     fit_kernel_model,
     fit_linear_model,
 )
-from brainlm.config import ClinicalConfig
+from brainlm.config import CLINICAL_MODELS, ClinicalConfig
 from brainlm.data.store import Cohort
+from brainlm.engine import RandomCrops
 from brainlm.tasks.common import (
+    Labelled,
     Progress,
     TaskError,
     batched,
     check_backbone_fits,
+    encoder_lr,
+    fine_tuning,
+    fit_steps,
     fixed_windows,
     mean_ci,
     r2_score,
-    split_encoder,
-    train_steps,
+    step_batches,
 )
 
-MODELS = ("brainlm", "ridge_embedding", "svr_embedding", "svr_fc", "ridge_fc")
+MODELS = CLINICAL_MODELS  # the table's rows, in this order
 EMBEDDING_MODELS = ("ridge_embedding", "svr_embedding")
 PHQ9_CUTOFF = 10  # PHQ-9 >= 10: moderate depression or worse, the usual screening cut-off
 
-# target → (phenotype column, transform, task)
+# target → (phenotype column, transform, task); the keys are ClinicalConfig's target choices (CLINICAL_TARGETS)
 TARGETS: dict[str, tuple[str, str, str]] = {
     "age": ("age", "zscore", "regression"),
     "neuroticism": ("neuroticism", "minmax", "regression"),
@@ -187,11 +191,6 @@ def run_clinical(cohort: Cohort, backbone: nn.Module, cfg: ClinicalConfig | None
                  progress: Progress = print) -> ClinicalResult:
     """Cross-validate every model of `cfg.models` on `cfg.target`, then refit each on all subjects."""
     cfg = cfg or ClinicalConfig()
-    if cfg.target not in TARGETS:
-        raise TaskError(f"unknown clinical target {cfg.target!r}; choose from {sorted(TARGETS)}")
-    unknown = sorted(set(cfg.models) - set(MODELS))
-    if unknown:
-        raise TaskError(f"unknown clinical model(s) {unknown}; choose from {list(MODELS)}")
     check_backbone_fits(backbone, cohort)
     torch.manual_seed(cfg.seed)
     column, _, task = TARGETS[cfg.target]
@@ -312,36 +311,19 @@ def _fine_tune(backbone: nn.Module, cohort: Cohort, people: list[str], y: np.nda
                progress: Progress, tag: str) -> ClinicalHead:
     """The head (and, at `encoder_lr_scale`, the encoder) trained on random crops labelled with their subject's y."""
     head = ClinicalHead(copy.deepcopy(backbone), cfg.pooling, cfg.head_hidden, cohort.n_parcels).to(cfg.device)
-    ids = [r for p in people for r in recordings[p]]
-    label = {r: v for p, v in zip(people, y, strict=True) for r in recordings[p]}
-    dataset = cohort.window_dataset(ids, backbone.window, cfg.crops_per_recording, cfg.seed)
-    labels = torch.tensor([label[dataset.recording_ids[i // dataset.crops_per_recording]]
-                           for i in range(len(dataset))], dtype=torch.float32)
-    batches = _labelled_batches(dataset, labels, cfg)
+    lr_scale = encoder_lr(head, cfg.encoder_lr_scale)
+    label = {r: float(v) for p, v in zip(people, y, strict=True) for r in recordings[p]}
+    crops = RandomCrops(cohort, list(label), backbone.window, cfg.seed)
+    train_cfg = fine_tuning(cfg)
     loss = nn.BCEWithLogitsLoss() if task == "classification" else nn.MSELoss()
 
     def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
         x, target = batch
         return loss(head(x.to(cfg.device), coords), target.to(cfg.device))
 
-    train_steps(tag, head, split_encoder(head, head.backbone, cfg.encoder_lr_scale), loss_fn, batches,
-                steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_fraction=cfg.warmup_fraction,
-                grad_clip=cfg.grad_clip, progress=progress)
+    fit_steps(tag, head, loss_fn, step_batches(Labelled(crops, label), train_cfg), train_cfg, cfg.device, progress,
+              lr_scale)
     return head.cpu()
-
-
-def _labelled_batches(dataset, labels: Tensor, cfg: ClinicalConfig):
-    """Endless shuffled (crops, labels) batches; new crops every pass."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    epoch = 0
-    while True:
-        dataset.set_epoch(epoch)
-        order = torch.randperm(len(dataset), generator=generator)
-        size = min(cfg.batch_size, len(dataset))
-        for i in range(0, len(order) - size + 1, size):
-            idx = order[i : i + size].tolist()
-            yield torch.stack([dataset[j] for j in idx]), labels[idx]
-        epoch += 1
 
 
 def _predict(model: ClinicalModel, features: dict[str, np.ndarray], rows: np.ndarray, windows: list,

@@ -4,8 +4,11 @@
       ├─ BrainLMBackbone     a registered / pretrained BrainLM (or a fresh one: the `scratch` model)
       └─ ViTMAEBackbone      a released Hugging Face ViTMAE checkpoint (brainlm/released.py)
 
-Every task model is an nn.Module or a small numpy model whose parameters are plain arrays, so each one is saved
-as safetensors + a JSON config (brainlm/tasks/saved.py) and never pickled. This module needs torch and numpy.
+Every neural model trains as pretraining does (brainlm/engine.py): a fixed number of optimiser steps, each on a
+batch of `RandomCrops` drawn by `StepSampler`, with the engine's AdamW and warmup + cosine schedule (the
+pretrained encoder may get a smaller learning rate than the new parts). Every task model is an nn.Module or a
+small numpy model whose parameters are plain arrays, so each one is saved as safetensors + a JSON config
+(brainlm/tasks/saved.py) and never pickled. This module needs torch, numpy and pandas.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from brainlm.config import ModelConfig, from_dict, to_dict
+from brainlm.config import POOLINGS, ModelConfig, TrainConfig, from_dict, to_dict
 from brainlm.data.store import Cohort, CohortError
+from brainlm.engine import StepSampler, build_optimizer, build_scheduler
 from brainlm.errors import BrainLMError
 from brainlm.model import BrainLM
 
@@ -80,9 +84,6 @@ class BrainLMBackbone(nn.Module):
     def is_encoder(name: str) -> bool:
         """Whether parameter `name` (of this module) belongs to the encoder rather than the decoder."""
         return not name.startswith(("model.decoder", "model.mask_token"))
-
-
-POOLINGS = ("cls", "mean", "connectivity")
 
 
 def pool(latent: Tensor, pooling: str, groups: int) -> Tensor:
@@ -176,88 +177,71 @@ def fixed_windows(cohort: Cohort, recording_ids: list[str], window: int, *, stri
     return Windows(np.stack(signals), np.array(owner), list(recording_ids))
 
 
-def crop_batches(cohort: Cohort, recording_ids: list[str], window: int, crops_per_recording: int,
-                 batch_size: int, seed: int) -> Iterator[Tensor]:
-    """An endless stream of shuffled batches of random training crops (B, P, window), a new draw each pass."""
-    dataset = cohort.window_dataset(recording_ids, window, crops_per_recording, seed)
-    generator = torch.Generator().manual_seed(seed)
-    epoch = 0
-    while True:
-        dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True,
-                            generator=generator)
-        yield from loader
-        epoch += 1
-
-
 # ------------------------------------------------------------------------------------------- training
 
 
-Named = list[tuple[str, nn.Parameter]]
+def fine_tuning(cfg: Any) -> TrainConfig:
+    """The pretraining engine's settings for a task's budget (ForecastConfig / ClinicalConfig): its steps, batch,
+    peak lr, warmup, weight decay, clipping and seed; AdamW's betas and the cosine floor are pretraining's."""
+    return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, seed=cfg.seed)
 
 
-def split_encoder(module: nn.Module, backbone: nn.Module | None, encoder_scale: float) -> list[tuple[Named, float]]:
-    """(parameters, lr scale) groups of `module`: the backbone's encoder at `encoder_scale`, the rest at 1."""
-    named = list(module.named_parameters())
-    if backbone is None:
-        return [(named, 1.0)]
-    encoder = {id(p) for n, p in backbone.named_parameters() if backbone.is_encoder(n)}
-    return [([(n, p) for n, p in named if id(p) in encoder], encoder_scale),
-            ([(n, p) for n, p in named if id(p) not in encoder], 1.0)]
+def step_batches(dataset: Dataset, cfg: TrainConfig) -> Iterator[Any]:
+    """One batch per optimiser step, `cfg.steps` in all: items 0, 1, 2, ... of a dataset whose item k is a
+    random draw fixed by (seed, k), such as the engine's `RandomCrops` (as in pretraining: no epochs)."""
+    return iter(DataLoader(dataset, batch_size=cfg.batch_size, sampler=StepSampler(0, cfg.steps, cfg.batch_size)))
 
 
-def optimizer_for(groups: list[tuple[Named, float]], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over (parameters, lr scale) groups; weight decay on weight matrices only, none on norms, biases
-    and tokens. A scale of 0 freezes its parameters (they stop requiring gradients)."""
-    param_groups = []
-    for named, scale in groups:
-        decay, no_decay = [], []
-        for name, p in named:
-            if scale == 0:
+class Labelled(Dataset):
+    """`RandomCrops` with each crop's label: item k is (crop k, the label of the recording it was cut from)."""
+
+    def __init__(self, crops: Dataset, labels: dict[str, float]):
+        self.crops, self.labels = crops, labels
+
+    def __getitem__(self, k: int) -> tuple[Tensor, Tensor]:
+        recording_id, _ = self.crops.locate(k)
+        return self.crops[k], torch.tensor(self.labels[recording_id], dtype=torch.float32)
+
+
+def encoder_lr(module: nn.Module, scale: float) -> Callable[[str], float]:
+    """`build_optimizer`'s lr scale for a task module holding a pretrained backbone as `module.backbone`:
+    `scale` for the backbone's encoder, 1 for the rest (its decoder, new heads). A scale of 0 freezes the
+    encoder (its parameters stop requiring gradients, so the optimiser leaves them out)."""
+    def is_encoder(name: str) -> bool:
+        return name.startswith("backbone.") and module.backbone.is_encoder(name.removeprefix("backbone."))
+
+    if scale == 0:
+        for name, p in module.named_parameters():
+            if is_encoder(name):
                 p.requires_grad_(False)
-                continue
-            (no_decay if p.ndim < 2 or name.endswith("_token") else decay).append(p)
-        param_groups += [{"params": decay, "weight_decay": weight_decay, "lr": lr * scale},
-                         {"params": no_decay, "weight_decay": 0.0, "lr": lr * scale}]
-    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=lr, betas=(0.9, 0.95))
+    return lambda name: scale if is_encoder(name) else 1.0
 
 
-def warmup_cosine(total_steps: int, warmup_fraction: float, floor: float = 0.1) -> Callable[[int], float]:
-    warmup = round(warmup_fraction * total_steps)
+def fit_steps(name: str, module: nn.Module, loss_fn: Callable[[Any], Tensor], batches: Iterator[Any],
+              cfg: TrainConfig, device: str, progress: Progress,
+              lr_scale: Callable[[str], float] | None = None) -> list[float]:
+    """`cfg.steps` optimiser steps with the pretraining engine's AdamW and schedule; returns the loss per step.
 
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup - 1))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def train_steps(name: str, module: nn.Module, groups: list[tuple[Named, float]],
-                loss_fn: Callable[[Tensor], Tensor], batches: Iterator[Tensor], *, steps: int, lr: float,
-                weight_decay: float, warmup_fraction: float, grad_clip: float, progress: Progress) -> list[float]:
-    """A fixed budget of optimiser steps (AdamW, warmup + cosine, clipping); returns the loss per step.
-
-    Prints about ten progress lines. Every neural model of a comparison goes through this one loop.
+    Every neural model of a comparison goes through this one loop. Prints about ten progress lines.
     """
     module.train()
-    optimizer = optimizer_for(groups, lr, weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup_fraction))
+    optimizer = build_optimizer(module, cfg, device, lr_scale)
+    scheduler = build_scheduler(optimizer, cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     losses: list[float] = []
-    start, every = time.perf_counter(), max(1, steps // 10)
-    for step in range(steps):
-        loss = loss_fn(next(batches))
+    start, every = time.perf_counter(), max(1, cfg.steps // 10)
+    for step, batch in enumerate(batches):
+        loss = loss_fn(batch)  # full precision: the task models are small, and an ODE solve is touchy in bf16
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(params, grad_clip)
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        schedule.step()
+        scheduler.step()
         losses.append(loss.item())
-        if (step + 1) % every == 0 or step + 1 == steps:
+        if (step + 1) % every == 0 or step + 1 == cfg.steps:
             recent = np.mean(losses[-every:])
-            progress(f"  {name:<12} step {step + 1:>5}/{steps}  loss {recent:.4f}  "
+            progress(f"  {name:<12} step {step + 1:>5}/{cfg.steps}  loss {recent:.4f}  "
                      f"({time.perf_counter() - start:.0f} s)")
     module.eval()
     return losses

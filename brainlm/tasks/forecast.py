@@ -33,22 +33,24 @@ from brainlm.baselines.forecast import (
     Persistence,
     RidgeVAR,
 )
-from brainlm.config import ForecastConfig
+from brainlm.config import FORECAST_MODELS, ForecastConfig
 from brainlm.data.store import Cohort
+from brainlm.engine import RandomCrops
 from brainlm.tasks.common import (
     Progress,
     TaskError,
     batched,
     check_backbone_fits,
-    crop_batches,
+    encoder_lr,
+    fine_tuning,
+    fit_steps,
     fixed_windows,
     fresh_copy,
     r2_score,
-    split_encoder,
-    train_steps,
+    step_batches,
 )
 
-MODELS = ("brainlm", "scratch", "lstm", "ode", "var", "ar1", "persistence")
+MODELS = FORECAST_MODELS  # the table's rows, in this order
 EXAMPLE_WINDOWS = 3  # test windows kept for the trace plots
 
 
@@ -97,9 +99,6 @@ def run_forecast(cohort: Cohort, backbone: nn.Module, cfg: ForecastConfig | None
                  progress: Progress = print) -> ForecastResult:
     """Fit every model of `cfg.models` on the training subjects and score it on the same held-out windows."""
     cfg = cfg or ForecastConfig()
-    unknown = sorted(set(cfg.models) - set(MODELS))
-    if unknown:
-        raise TaskError(f"unknown forecasting model(s) {unknown}; choose from {list(MODELS)}")
     check_backbone_fits(backbone, cohort)
     torch.manual_seed(cfg.seed)
     window, horizon = backbone.window, backbone.horizon
@@ -149,27 +148,26 @@ def _fit(name: str, backbone: nn.Module, cohort: Cohort, fit_ids: list[str], spl
         return FittedModel(name, AR1.kind, model.config(), arrays=model.arrays())
     if name == "var":
         return _fit_var(cohort, split, fit_ids, cfg, window, horizon, progress)
+    lr_scale = None
     if name in ("brainlm", "scratch"):
         start = copy.deepcopy(backbone) if name == "brainlm" else fresh_copy(backbone)
         module: nn.Module = BackboneForecaster(start)
-        # The pretrained encoder may learn more slowly than the rest; `scratch` has nothing to protect.
-        scale = cfg.encoder_lr_scale if name == "brainlm" else 1.0
-        groups = split_encoder(module, start, scale)
+        if name == "brainlm":  # the pretrained encoder may learn more slowly; `scratch` has nothing to protect
+            lr_scale = encoder_lr(module, cfg.encoder_lr_scale)
     else:
         module = (LSTMForecaster(cohort.n_parcels, horizon, cfg.lstm_hidden) if name == "lstm"
                   else ODEForecaster(cohort.n_parcels, horizon, cfg.ode_latent, cfg.ode_hidden))
-        groups = split_encoder(module, None, 1.0)
     module.to(cfg.device)
-    batches = crop_batches(cohort, fit_ids, window, cfg.crops_per_recording, cfg.batch_size, cfg.seed)
+    train_cfg = fine_tuning(cfg)
+    # every neural model draws the same crops: item k is a function of (seed, k) alone
+    batches = step_batches(RandomCrops(cohort, fit_ids, window, cfg.seed), train_cfg)
 
     def loss_fn(batch: Tensor) -> Tensor:
         batch = batch.to(cfg.device)
         pred = module(batch[..., : window - horizon], coords)
         return ((pred - batch[..., window - horizon :]) ** 2).mean()
 
-    losses = train_steps(name, module, groups, loss_fn, batches, steps=cfg.steps, lr=cfg.lr,
-                         weight_decay=cfg.weight_decay, warmup_fraction=cfg.warmup_fraction,
-                         grad_clip=cfg.grad_clip, progress=progress)
+    losses = fit_steps(name, module, loss_fn, batches, train_cfg, cfg.device, progress, lr_scale)
     params = {"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
               "final_train_mse": float(np.mean(losses[-max(1, cfg.steps // 10):]))}
     if name == "brainlm":

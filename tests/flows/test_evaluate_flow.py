@@ -19,7 +19,7 @@ CLINICAL = ["brainlm", "ridge_embedding", "svr_embedding", "svr_fc", "ridge_fc"]
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.usefixtures("prefect_harness", "one_thread")
 def test_evaluate_flow_registers_every_model_beside_its_baselines(home, pretrained, assert_no_participant_ids,
                                                                  monkeypatch):
     from flows.evaluate import evaluate
@@ -63,6 +63,8 @@ def test_evaluate_flow_registers_every_model_beside_its_baselines(home, pretrain
     for module, attr in [(pickle, "load"), (pickle, "loads")]:
         monkeypatch.setattr(module, attr, lambda *a, **k: (_ for _ in ()).throw(AssertionError("unpickled")))
     coords = np.asarray(cohort.atlas.coords, np.float32)
+    # MLflow's own loader resolves `models:/` against the process-wide URI, which the registry leaves unset.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri())
     served = mlflow.pyfunc.load_model("models:/brainlm-forecast@challenger")
     context = np.zeros((2, cohort.n_parcels, 80), np.float32)
     assert served.predict({"context": context, "coords": coords})["forecast"].shape == (2, cohort.n_parcels, 20)

@@ -5,10 +5,11 @@ import pandas as pd
 import pytest
 from fixtures_cohort import make_cohort
 
-from brainlm.config import ClinicalConfig, preset
+from brainlm.config import CLINICAL_TARGETS, ClinicalConfig, preset
 from brainlm.data.store import open_cohort
+from brainlm.errors import ConfigError
 from brainlm.model import BrainLM
-from brainlm.tasks.clinical import PHQ9_CUTOFF, TargetTransform, run_clinical, supported_targets
+from brainlm.tasks.clinical import PHQ9_CUTOFF, TARGETS, TargetTransform, run_clinical, supported_targets
 from brainlm.tasks.common import BrainLMBackbone, TaskError
 
 
@@ -71,10 +72,15 @@ def test_transforms_are_never_fitted_on_test_subjects(tmp_path):
     assert (final.a, final.b) == pytest.approx((ages.mean(), ages.std(ddof=0)))
 
 
+def test_every_target_the_config_offers_has_a_transform():
+    assert tuple(TARGETS) == CLINICAL_TARGETS == dict(ClinicalConfig.__dataclass_fields__)["target"].metadata["choices"]
+
+
 def test_unknown_target_or_missing_column_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="ClinicalConfig.target = 'iq': must be one of 'age', ") as info:
+        ClinicalConfig(target="iq")
+    assert info.value.field == "target"
     cohort = open_cohort(make_cohort(tmp_path / "c", n_participants=10, parcels=4, timepoints=100))
     backbone = BrainLMBackbone(BrainLM(preset("tiny", window=100)))
-    with pytest.raises(TaskError, match="unknown clinical target 'iq'"):
-        run_clinical(cohort, backbone, ClinicalConfig(target="iq"))
     with pytest.raises(TaskError, match="no 'neuroticism' column"):
         run_clinical(cohort, backbone, ClinicalConfig(target="neuroticism"))

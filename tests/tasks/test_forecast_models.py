@@ -9,9 +9,10 @@ from brainlm.baselines.clinical import fc_features, fit_kernel_model, fit_linear
 from brainlm.baselines.forecast import AR1, LSTMForecaster, ODEForecaster, Persistence, RidgeVAR
 from brainlm.config import ForecastConfig, preset
 from brainlm.data.store import open_cohort
+from brainlm.engine import build_optimizer
 from brainlm.model import BrainLM
-from brainlm.tasks.common import BrainLMBackbone, fixed_windows
-from brainlm.tasks.forecast import MODELS, run_forecast
+from brainlm.tasks.common import BrainLMBackbone, encoder_lr, fine_tuning, fixed_windows
+from brainlm.tasks.forecast import MODELS, BackboneForecaster, run_forecast
 from brainlm.tasks.saved import CONFIG_FILE, WEIGHTS_FILE, load_task_model, save_task_model
 
 
@@ -76,6 +77,29 @@ def test_brainlm_forecast_masks_exactly_the_last_patch_and_never_sees_the_future
     assert torch.allclose(out.pred[:, :, -1], first)
 
 
+def test_fine_tuning_gives_the_pretrained_encoder_its_own_learning_rate_or_freezes_it():
+    cfg = fine_tuning(ForecastConfig(lr=1e-3, weight_decay=0.01))
+    module = BackboneForecaster(BrainLMBackbone(BrainLM(preset("tiny", window=40))))
+    optimizer = build_optimizer(module, cfg, "cpu", encoder_lr(module, 0.1))
+    group = {name: g for g in optimizer.param_groups for name, p in module.named_parameters()
+             if any(p is q for q in g["params"])}
+    assert len(group) == len(list(module.parameters()))  # every parameter trains
+    for encoder in ("backbone.model.patch_embed.weight", "backbone.model.blocks.1.attn.qkv.weight"):
+        assert (group[encoder]["lr"], group[encoder]["weight_decay"]) == (pytest.approx(1e-4), 0.01)
+    assert group["backbone.model.cls_token"]["lr"] == pytest.approx(1e-4)
+    assert group["backbone.model.cls_token"]["weight_decay"] == 0.0  # tokens are never decayed
+    for decoder in ("backbone.model.decoder_blocks.0.mlp.0.weight", "backbone.model.decoder_pred.weight",
+                    "backbone.model.mask_token"):
+        assert group[decoder]["lr"] == pytest.approx(1e-3)
+
+    frozen = BackboneForecaster(BrainLMBackbone(BrainLM(preset("tiny", window=40))))
+    optimizer = build_optimizer(frozen, cfg, "cpu", encoder_lr(frozen, 0.0))
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for name, p in frozen.named_parameters():
+        is_decoder = name.startswith(("backbone.model.decoder", "backbone.model.mask_token"))
+        assert (id(p) in trained, p.requires_grad) == (is_decoder, is_decoder), name
+
+
 def test_fc_features_are_fisher_z_of_the_upper_triangle():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 100))
@@ -111,13 +135,14 @@ def test_kernel_and_linear_models_match_scikit_learn_from_their_arrays(task):
     assert np.allclose(linear.decision(x), decide(sk_linear, x), atol=1e-4)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_forecast_runs_for_any_parcel_count_and_recording_length(tmp_path):
     """7 parcels, recordings of 40 to 57 TRs, a 40-TR window: every model, the same test windows, saved and
     rebuilt from safetensors + JSON with the same predictions."""
     path = make_cohort(tmp_path / "c", n_participants=6, parcels=7, timepoints=57)
     cohort = open_cohort(path)
     backbone = BrainLMBackbone(BrainLM(preset("tiny", window=40)))
-    cfg = ForecastConfig(steps=2, batch_size=4, crops_per_recording=2, eval_stride=10, var_lags=(1, 2),
+    cfg = ForecastConfig(steps=2, batch_size=4, eval_stride=10, var_lags=(1, 2),
                          var_alphas=(1e-3,), val_fraction=0.2, test_fraction=0.2)
     result = run_forecast(cohort, backbone, cfg, progress=lambda line: None)
     assert list(result.table.index) == list(MODELS)

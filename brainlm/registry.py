@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -56,14 +57,17 @@ PRESET_TAG = "preset"
 METRIC_TAG_PREFIX = "metric."
 UNVERSIONED = "unversioned"  # the data-version tag when the home is not a DVC project
 
-# What the served model needs; pinned to what is installed so a served model matches the trained one.
+# What the served model imports from a package index (serving.py → registry.py, model.py, checkpoint.py,
+# config.py), pinned to what is installed so a served model matches the trained one. brainlm itself is on no
+# index: its code travels inside the model (`code_paths`, see `_package_code`). torch is pinned by version only:
+# pip takes the CPU or CUDA build that the serving machine's index or wheel folder offers for it.
 PIP_REQUIREMENTS = [
     f"torch=={torch.__version__.split('+')[0]}",
     f"numpy=={np.__version__}",
     f"safetensors=={safetensors.__version__}",
     f"mlflow=={mlflow.__version__}",
-    f"brainlm=={brainlm.__version__}",
 ]
+PACKAGE_DIR = Path(brainlm.__file__).parent
 
 
 class RegistryError(BrainLMError):
@@ -198,6 +202,7 @@ def log_model(
     with tempfile.TemporaryDirectory() as tmp, _fluent(settings):
         config_path = Path(tmp) / CONFIG_FILE
         config_path.write_text(json.dumps(dict(config), indent=2))
+        package = _package_code(Path(tmp) / "code")
         with mlflow.start_run(run_id=run_id):  # log_model attaches the model to the active run
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
@@ -206,6 +211,7 @@ def log_model(
                 signature=infer_signature(input_example, output_example),
                 input_example=input_example,
                 pip_requirements=PIP_REQUIREMENTS,
+                code_paths=[str(package)],
                 registered_model_name=registered_model_name,
             )
     client = _client(settings)
@@ -215,6 +221,28 @@ def log_model(
         client.set_model_version_tag(registered_model_name, version, key, str(value))
     client.set_registered_model_alias(registered_model_name, settings.mlflow.new_alias, version)
     return client.get_model_version(registered_model_name, version)
+
+
+def _package_code(dest: Path) -> Path:
+    """A copy of the brainlm package's Python source (no data files, no bytecode) at `dest/brainlm`.
+
+    Logged as the model's `code_paths`, it lands in the model's `code/brainlm/`, which MLflow puts on
+    `sys.path` when it loads the model: a fresh environment built from the model's own requirements.txt (index
+    packages only) then imports exactly the brainlm code that logged it. Where brainlm is already imported (the
+    training process, tests), the installed package keeps being used.
+    """
+    target = dest / PACKAGE_DIR.name
+    shutil.copytree(PACKAGE_DIR, target, ignore=_not_source)
+    return target
+
+
+def _not_source(folder: str, names: list[str]) -> list[str]:
+    """copytree's filter: keep `.py` files and subpackages (folders with an `__init__.py`), skip the rest."""
+    def source(name: str) -> bool:
+        path = Path(folder, name)
+        return path.suffix == ".py" if path.is_file() else (path / "__init__.py").is_file()
+
+    return [n for n in names if not source(n)]
 
 
 def log_pretrained(

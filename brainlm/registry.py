@@ -17,6 +17,7 @@ callers, so any process that is handed the settings (a Ray worker, say) talks to
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -58,9 +59,9 @@ METRIC_TAG_PREFIX = "metric."
 UNVERSIONED = "unversioned"  # the data-version tag when the home is not a DVC project
 
 # What the served model imports from a package index (serving.py → registry.py, model.py, checkpoint.py,
-# config.py), pinned to what is installed so a served model matches the trained one. brainlm itself is on no
-# index: its code travels inside the model (`code_paths`, see `_package_code`). torch is pinned by version only:
-# pip takes the CPU or CUDA build that the serving machine's index or wheel folder offers for it.
+# config.py), pinned to what is installed so a served model matches the trained one. brainlm is on no index: the
+# brainlm modules it imports travel inside the model (`code_paths`, see `_package_code`). torch is pinned by
+# version only: pip takes the CPU or CUDA build that the serving machine's index or wheel folder offers.
 PIP_REQUIREMENTS = [
     f"torch=={torch.__version__.split('+')[0]}",
     f"numpy=={np.__version__}",
@@ -202,7 +203,7 @@ def log_model(
     with tempfile.TemporaryDirectory() as tmp, _fluent(settings):
         config_path = Path(tmp) / CONFIG_FILE
         config_path.write_text(json.dumps(dict(config), indent=2))
-        package = _package_code(Path(tmp) / "code")
+        package = _package_code(Path(code), Path(tmp) / "code")
         with mlflow.start_run(run_id=run_id):  # log_model attaches the model to the active run
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
@@ -223,26 +224,59 @@ def log_model(
     return client.get_model_version(registered_model_name, version)
 
 
-def _package_code(dest: Path) -> Path:
-    """A copy of the brainlm package's Python source (no data files, no bytecode) at `dest/brainlm`.
+def _package_code(entry: Path, dest: Path) -> Path:
+    """The brainlm modules that the model's code file `entry` imports, copied to `dest/brainlm/`.
 
-    Logged as the model's `code_paths`, it lands in the model's `code/brainlm/`, which MLflow puts on
-    `sys.path` when it loads the model: a fresh environment built from the model's own requirements.txt (index
-    packages only) then imports exactly the brainlm code that logged it. Where brainlm is already imported (the
-    training process, tests), the installed package keeps being used.
+    Logged as the model's `code_paths`, they land in the model's `code/brainlm/`, which MLflow puts on `sys.path`
+    when it loads the model: an environment built from the model's own requirements.txt (index packages only)
+    then imports exactly the brainlm code that logged it. Where brainlm is already imported (training, tests),
+    the installed package keeps being used. Only what serving imports travels (followed through the package's
+    own imports), not the whole package: the model carries no data-plane or orchestration code.
     """
     target = dest / PACKAGE_DIR.name
-    shutil.copytree(PACKAGE_DIR, target, ignore=_not_source)
+    for source in _imported_sources(entry):
+        copy = target / source.relative_to(PACKAGE_DIR)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, copy)
     return target
 
 
-def _not_source(folder: str, names: list[str]) -> list[str]:
-    """copytree's filter: keep `.py` files and subpackages (folders with an `__init__.py`), skip the rest."""
-    def source(name: str) -> bool:
-        path = Path(folder, name)
-        return path.suffix == ".py" if path.is_file() else (path / "__init__.py").is_file()
+def _imported_sources(entry: Path) -> set[Path]:
+    """The brainlm source files that importing `entry` executes, directly or through one another (absolute
+    imports anywhere in a file, functions included, as the package writes them)."""
+    found: set[Path] = set()
+    todo = [entry]
+    while todo:
+        for node in ast.walk(ast.parse(todo.pop().read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                new = set(_module_sources(name)) - found
+                found |= new
+                todo += new
+    return found
 
-    return [n for n in names if not source(n)]
+
+def _module_sources(name: str) -> list[Path]:
+    """Files that `import name` runs if it is a brainlm module: each package's __init__.py down to the module."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE_DIR.name:
+        return []
+    files, folder = [PACKAGE_DIR / "__init__.py"], PACKAGE_DIR
+    for part in parts[1:]:
+        folder = folder / part
+        if (folder / "__init__.py").is_file():
+            files.append(folder / "__init__.py")
+        elif folder.with_suffix(".py").is_file():
+            files.append(folder.with_suffix(".py"))
+            break
+        else:  # a name imported from a module (a function, a class), not a module
+            break
+    return files
 
 
 def log_pretrained(

@@ -52,8 +52,9 @@ def test_served_model_builds_its_own_environment_and_embeds_a_recording(home, tm
     assert all("==" in line for line in requirements), requirements
     assert not any(line.startswith("brainlm") for line in requirements), requirements
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements  # unpinned, pip would pick a CUDA build
-    assert (model_dir / "code" / "brainlm" / "registry.py").is_file()
-    assert not list((model_dir / "code").rglob("*.pyc")) and not (model_dir / "code" / "brainlm" / "data" / "atlases").exists()
+    shipped = sorted(p.relative_to(model_dir / "code").as_posix() for p in (model_dir / "code").rglob("*")
+                     if p.is_file())
+    assert shipped == [f"brainlm/{m}.py" for m in ("__init__", "checkpoint", "config", "errors", "model", "registry")]
 
     env_root = request.config.cache.mkdir("mlflow-envs")
     port = free_port()

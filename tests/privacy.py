@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
-from mlflow.artifacts import download_artifacts
+from mlflow.artifacts import download_artifacts, list_artifacts
 from mlflow.entities import ViewType
 
 from brainlm.config import Settings
@@ -109,6 +109,8 @@ def _artifacts(settings: Settings, experiment, runs, models, walked: set[Path]) 
     sources = [(f"run {r.info.run_id}", r.info.artifact_uri) for r in runs]
     sources += [(f"logged model {m.model_id}", m.artifact_location) for m in models]
     for where, uri in sources:
+        if not list_artifacts(artifact_uri=uri, tracking_uri=settings.tracking_uri()):
+            continue  # nothing logged there (downloading an empty root is an error on a server)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=settings.tracking_uri()))
             for path in (p for p in local.rglob("*") if p.is_file()):

@@ -108,7 +108,7 @@ def test_ingest_register_promote_and_load_through_the_server(stack, client_env, 
         client_env.setenv(key, stack.s3[key])
     client_env.setenv(versioning.REMOTE_ENV, f"s3://{BUCKET}/dvc")
     client_env.setenv(versioning.S3_ENDPOINT_ENV, stack.s3["endpoint"])
-    src = synthesize(tmp_path / "raw", SynthConfig(subjects=3, timepoints=200, max_parcels=12,
+    src = synthesize(tmp_path / "raw", SynthConfig(subjects=3, timepoints=200, max_parcels=18,
                                                     recordings_per_subject=1, seed=3), overwrite=True)
     ingest(src, "lab", cfg=IngestConfig(workers=1), settings=load_settings())
     dvc_objects = stack.bucket_keys("dvc/")

@@ -17,6 +17,9 @@
 #   MLFLOW_AUTH_ADMIN_PASSWORD      its password (MLflow ships none; the server refuses to start without one)
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  signs the auth app's sessions and CSRF tokens
 #   MLFLOW_HOST, MLFLOW_PORT, MLFLOW_WORKERS   default 0.0.0.0, 5000, 1
+#   MLFLOW_AUTH_CACHE_TTL_SECONDS   default 60: a verified password is trusted for this long per worker process
+#                                   (checking it costs ~0.4 s of PBKDF2 per request otherwise); a password
+#                                   changed through another worker takes up to this long to reach this one
 set -euo pipefail
 
 need() {
@@ -41,6 +44,7 @@ default_permission = READ
 database_uri = ${MLFLOW_AUTH_DATABASE_URI}
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_SECONDS:-60}
 INI
 )
 export MLFLOW_AUTH_CONFIG_PATH="$auth_dir/basic_auth.ini"

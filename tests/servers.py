@@ -198,3 +198,112 @@ def mlflow_server(env: dict[str, str], log: Path, timeout: float = 180) -> Itera
         yield MlflowServer(url, "admin", password, proc)
     finally:
         stop_group(proc)
+
+
+# ------------------------------------------------------------------------------------------- Ray cluster
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+_RAY_OBJECT_STORE_BYTES = str(200 * 1024**2)
+
+
+@dataclass
+class RayNode:
+    """One `ray start --block` process and everything it started (raylet, agents, the node's workers)."""
+
+    proc: subprocess.Popen
+    log: Path
+
+    def processes(self) -> list:
+        import psutil
+
+        try:
+            leader = psutil.Process(self.proc.pid)
+            return [leader, *leader.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> list[int]:
+        """SIGKILL every process of this node, by PID (as if its machine died): returns the PIDs."""
+        import psutil
+
+        processes = self.processes()
+        for p in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(processes, timeout=30)
+        self.proc.wait(timeout=10)
+        return [p.pid for p in processes]
+
+    def stop(self) -> None:
+        """The end of a test's cluster: no need to be gentle (`ray start --block` takes its time over SIGTERM)."""
+        self.kill()
+
+
+@dataclass
+class RayCluster:
+    address: str  # host:port of the head's GCS, for RAY_ADDRESS
+    head: RayNode
+    workers: list[RayNode]
+    root: Path
+
+    def add_worker(self, cpus: int = 1, timeout: float = 120) -> RayNode:
+        """Start another worker node (`ray start --address ...`) and wait until the cluster counts it."""
+        before = alive_nodes(self.address)
+        log = self.root / f"worker-{len(self.workers)}.log"
+        node = _ray_start(["--address", self.address, "--num-cpus", str(cpus)], log)
+        self.workers.append(node)
+        wait_for(lambda: alive_nodes(self.address) - before, "ray worker node", timeout, node.proc, log)
+        return node
+
+
+def alive_nodes(address: str) -> set[str]:
+    """Ids of the alive nodes of the cluster at `address`: through this process's Ray connection if it has one
+    (a callback while `fit` runs), else through one opened for the question only."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    finally:
+        ray.shutdown()
+
+
+# The head's GCS declares a node dead after this many missed health checks of this period (defaults: 5 × 3 s).
+_RAY_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
+
+
+def _ray_start(args: list[str], log: Path) -> RayNode:
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats",
+                                 "--object-store-memory", _RAY_OBJECT_STORE_BYTES, *args],
+                                env={**os.environ, **RAY_ENV, **_RAY_HEALTH_CHECKS}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return RayNode(proc, log)
+
+
+@contextlib.contextmanager
+def ray_cluster(head_cpus: int = 1, worker_cpus: int = 1, timeout: float = 120) -> Iterator[RayCluster]:
+    """A Ray cluster on this machine: a head node and one worker node, each its own `ray start` (as on two
+    machines), with their own temp folder; every process they start is stopped on exit, by PID.
+
+    `ray stop` is never used: it would end every Ray on the machine, other tests' and other users' included.
+    """
+    root = Path(tempfile.mkdtemp(prefix="brl-ray-"))  # short: Ray's socket paths live under it
+    port = free_port()
+    head = _ray_start(["--head", "--port", str(port), "--num-cpus", str(head_cpus), "--include-dashboard", "false",
+                       "--temp-dir", str(root)], root / "head.log")
+    cluster = RayCluster(f"127.0.0.1:{port}", head, [], root)
+    try:
+        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=2).close() or True, "ray head node",
+                 timeout, head.proc, head.log)
+        wait_for(lambda: alive_nodes(cluster.address), "ray head node", timeout, head.proc, head.log)
+        cluster.add_worker(worker_cpus, timeout)
+        yield cluster
+    finally:
+        for node in [*cluster.workers, head]:
+            node.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -183,7 +183,7 @@ def mlflow_server(env: dict[str, str], log: Path, timeout: float = 180) -> Itera
     port, password = free_port(), secrets.token_urlsafe(16)
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))},
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
         "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),

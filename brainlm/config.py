@@ -474,8 +474,10 @@ class Settings(Config):
         return uri
 
     def artifact_root(self) -> str:
+        """Where new experiments keep artifacts: a URI as written (`s3://...`, or `mlflow-artifacts:/...`, which a
+        tracking server that proxies artifacts maps into its own store), else a path under home as a file URI."""
         root = self.mlflow.artifact_root
-        if "://" in root:
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", root):
             return root
         return (self.home / root).resolve().as_uri()
 

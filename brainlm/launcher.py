@@ -187,7 +187,7 @@ def fit(cohort, model_cfg: ModelConfig, train_cfg: TrainConfig, *, settings: Set
         registry.log_params(mlflow_run_id, _run_params(cohort, model_cfg, train_cfg, run_name), settings=settings)
 
     with ray_runtime(train_cfg):
-        progress = Queue(actor_options={"num_cpus": 0})
+        progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": _on_this_node()})
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={
@@ -245,6 +245,15 @@ def ray_runtime(cfg: TrainConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _on_this_node():
+    """Pin an actor to the driver's node: on a cluster, a worker node lost mid-run (which Ray Train survives)
+    must not take the driver's progress queue down with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def _fail_at_step() -> int | None:

@@ -17,9 +17,11 @@ callers, so any process that is handed the settings (a Ray worker, say) talks to
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -58,14 +60,17 @@ PRESET_TAG = "preset"
 METRIC_TAG_PREFIX = "metric."
 UNVERSIONED = "unversioned"  # the data-version tag when the home is not a DVC project
 
-# What the served model needs; pinned to what is installed so a served model matches the trained one.
+# What the served model imports from a package index (serving.py → registry.py, model.py, checkpoint.py,
+# config.py), pinned to what is installed so a served model matches the trained one. brainlm is on no index: the
+# brainlm modules it imports travel inside the model (`code_paths`, see `_package_code`). torch is pinned by
+# version only: pip takes the CPU or CUDA build that the serving machine's index or wheel folder offers.
 PIP_REQUIREMENTS = [
     f"torch=={torch.__version__.split('+')[0]}",
     f"numpy=={np.__version__}",
     f"safetensors=={safetensors.__version__}",
     f"mlflow=={mlflow.__version__}",
-    f"brainlm=={brainlm.__version__}",
 ]
+PACKAGE_DIR = Path(brainlm.__file__).parent
 
 
 class RegistryError(BrainLMError):
@@ -206,6 +211,7 @@ def log_model(
     with tempfile.TemporaryDirectory() as tmp, _fluent(settings):
         config_path = Path(tmp) / CONFIG_FILE
         config_path.write_text(json.dumps(dict(config), indent=2))
+        package = _package_code(Path(code), Path(tmp) / "code")
         with mlflow.start_run(run_id=run_id):  # log_model attaches the model to the active run
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
@@ -214,6 +220,7 @@ def log_model(
                 signature=infer_signature(input_example, output_example),
                 input_example=input_example,
                 pip_requirements=pip_requirements or PIP_REQUIREMENTS,
+                code_paths=[str(package)],
                 registered_model_name=registered_model_name,
             )
     client = _client(settings)
@@ -223,6 +230,61 @@ def log_model(
         client.set_model_version_tag(registered_model_name, version, key, str(value))
     client.set_registered_model_alias(registered_model_name, settings.mlflow.new_alias, version)
     return client.get_model_version(registered_model_name, version)
+
+
+def _package_code(entry: Path, dest: Path) -> Path:
+    """The brainlm modules that the model's code file `entry` imports, copied to `dest/brainlm/`.
+
+    Logged as the model's `code_paths`, they land in the model's `code/brainlm/`, which MLflow puts on `sys.path`
+    when it loads the model: an environment built from the model's own requirements.txt (index packages only)
+    then imports exactly the brainlm code that logged it. Where brainlm is already imported (training, tests),
+    the installed package keeps being used. Only what serving imports travels (followed through the package's
+    own imports), not the whole package: the model carries no data-plane or orchestration code.
+    """
+    target = dest / PACKAGE_DIR.name
+    for source in _imported_sources(entry):
+        copy = target / source.relative_to(PACKAGE_DIR)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, copy)
+    return target
+
+
+def _imported_sources(entry: Path) -> set[Path]:
+    """The brainlm source files that importing `entry` executes, directly or through one another (absolute
+    imports anywhere in a file, functions included, as the package writes them)."""
+    found: set[Path] = set()
+    todo = [entry]
+    while todo:
+        for node in ast.walk(ast.parse(todo.pop().read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                new = set(_module_sources(name)) - found
+                found |= new
+                todo += new
+    return found
+
+
+def _module_sources(name: str) -> list[Path]:
+    """Files that `import name` runs if it is a brainlm module: each package's __init__.py down to the module."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE_DIR.name:
+        return []
+    files, folder = [PACKAGE_DIR / "__init__.py"], PACKAGE_DIR
+    for part in parts[1:]:
+        folder = folder / part
+        if (folder / "__init__.py").is_file():
+            files.append(folder / "__init__.py")
+        elif folder.with_suffix(".py").is_file():
+            files.append(folder.with_suffix(".py"))
+            break
+        else:  # a name imported from a module (a function, a class), not a module
+            break
+    return files
 
 
 def log_pretrained(

@@ -169,7 +169,7 @@ def _log_model_run(task: str, target: str | None, name: str, result: Any, cohort
             folder = save_task_model(task, fitted, tmp, extra)
             predictor = load_task_model(folder / CONFIG_FILE, folder / WEIGHTS_FILE)  # what will be served
             example = _example(task, cohort, result, fitted)
-            requirements = _requirements(fitted.config)
+            requirements = _requirements(fitted)
             version = registry.log_model(
                 run_id, folder / WEIGHTS_FILE, _json(folder / CONFIG_FILE),
                 registered_model_name=registered_name(task, target, name), input_example=example,
@@ -203,10 +203,15 @@ def _example(task: str, cohort: Cohort, result: Any, fitted: Any) -> dict[str, n
     return {"signals": rng.standard_normal((1, P, result.window), dtype=np.float32), "coords": coords}
 
 
-def _requirements(config: dict[str, Any]) -> list[str]:
-    """What serving the model needs: the pretrained model's pins, and transformers for a released backbone."""
-    reqs = list(registry.PIP_REQUIREMENTS)
-    if (config.get("backbone") or {}).get("type") == "vitmae":
+def _requirements(fitted: Any) -> list[str]:
+    """The index packages serving the model imports: the pretrained model's pins, pandas (the task code it carries
+    reads tables), torchdiffeq for the neural ODE, transformers for a released backbone."""
+    reqs = [*registry.PIP_REQUIREMENTS, f"pandas=={pd.__version__}"]
+    if fitted.kind == "ode":
+        from importlib.metadata import version
+
+        reqs.append(f"torchdiffeq=={version('torchdiffeq')}")
+    if (fitted.config.get("backbone") or {}).get("type") == "vitmae":
         import transformers
 
         reqs.append(f"transformers=={transformers.__version__}")

@@ -72,3 +72,12 @@ def test_evaluate_flow_registers_every_model_beside_its_baselines(home, pretrain
     out = clinical.predict({"signals": np.random.default_rng(0).standard_normal((2, cohort.n_parcels, 100),
                                                                                dtype=np.float32), "coords": coords})
     assert out["value"].shape == (2,) and np.all(out["value"] > 0)  # ages, back in years
+
+    # Self-sufficient like the pretrained model: the brainlm code serving a task model travels inside it, and its
+    # requirements are pinned index packages, the ODE's solver among them.
+    ode = Path(mlflow.artifacts.download_artifacts("models:/baseline-forecast-ode@challenger",
+                                                   dst_path=str(home / "ode")))
+    requirements = (ode / "requirements.txt").read_text().split()
+    assert all("==" in r for r in requirements) and not any(r.startswith("brainlm") for r in requirements)
+    assert {"pandas", "torchdiffeq"} <= {r.split("==")[0] for r in requirements}, requirements
+    assert (ode / "code" / "brainlm" / "tasks" / "saved.py").is_file()

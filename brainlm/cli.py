@@ -140,6 +140,27 @@ def cmd_promote(args: argparse.Namespace) -> None:
     print(f"{args.name} version {args.version} is now @{args.alias}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from brainlm.config import ClinicalConfig, ForecastConfig, with_options
+    from brainlm.errors import ConfigError
+
+    # Options left unset (None) keep the task config's value; only the asked task's config is built.
+    options = {"steps": args.steps, "seed": args.seed, "models": args.models, "device": "cuda" if args.gpu else None}
+    if args.task == "forecast":
+        clinical_only = [f"--{name}" for name in ("target", "folds", "pooling") if getattr(args, name) is not None]
+        if clinical_only:
+            raise ConfigError(f"{', '.join(clinical_only)}: only for --task clinical")
+        configs = {"forecast_cfg": with_options(ForecastConfig(), **options)}
+    else:
+        configs = {"clinical_cfg": with_options(ClinicalConfig(), target=args.target, folds=args.folds,
+                                                pooling=args.pooling, **options)}
+    from brainlm.evaluate import evaluate  # only now: loads MLflow and DVC
+
+    result = evaluate(args.task, args.cohort, args.model, **configs)
+    print()
+    print(result.summary())
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `brainlm pretrain: error: argument --lr: invalid float value: 'x'`."""
 
@@ -181,7 +202,17 @@ def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from brainlm.config import PRESETS, ModelConfig, TrainConfig, run_options
+    from brainlm.config import (
+        CLINICAL_MODELS,
+        CLINICAL_TARGETS,
+        FORECAST_MODELS,
+        POOLINGS,
+        PRESETS,
+        TASKS,
+        ModelConfig,
+        TrainConfig,
+        run_options,
+    )
 
     p = Parser(prog="brainlm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -236,6 +267,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(s.add_argument_group("training"), TrainConfig,
                        {k: f for k, f in options.items() if k not in model_fields})
     s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("evaluate", help="forecasting or clinical prediction: BrainLM against its baselines on the "
+                                        "same subjects, each model logged and registered",
+                       description="Fine-tune the model and fit every baseline on the same subject-level split, "
+                                   "print one row per model, log every model to MLflow and register it.")
+    s.add_argument("--task", choices=TASKS, required=True)
+    s.add_argument("--cohort", required=True, help="a stored cohort's name (or its folder)")
+    s.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, or a folder with a released BrainLM checkpoint")
+    s.add_argument("--target", choices=CLINICAL_TARGETS, default=None, help="clinical: the phenotype (default age)")
+    s.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help=f"a subset of the comparison (default all: forecast {' '.join(FORECAST_MODELS)}; "
+                        f"clinical {' '.join(CLINICAL_MODELS)})")
+    s.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="optimiser steps of each neural model (clinical: per fold)")
+    s.add_argument("--folds", type=int, default=None, metavar="K", help="clinical: cross-validation folds")
+    s.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="clinical: how the head reads the encoder's tokens (default connectivity)")
+    s.add_argument("--gpu", action="store_true", default=None, help="fine-tune on the GPU")
+    s.add_argument("--seed", type=int, default=None, metavar="N")
+    s.set_defaults(fn=cmd_evaluate)
 
     sub.add_parser("models", help="registered models: versions, aliases, metrics, runs").set_defaults(fn=cmd_models)
 

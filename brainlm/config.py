@@ -54,6 +54,13 @@ def from_dict(cls: type[T], d: dict[str, Any]) -> T:
     return cls(**d)
 
 
+def with_options(cfg: T, **options: Any) -> T:
+    """`cfg` with the options given; an option that is None keeps `cfg`'s value (a CLI option or flow parameter
+    left unset). Built through the same checks as any config: a bad value or unknown name raises ConfigError."""
+    given = {k: v for k, v in options.items() if v is not None}
+    return from_dict(type(cfg), {**to_dict(cfg), **given})
+
+
 # ------------------------------------------------------------------------------------- checked fields
 
 
@@ -108,8 +115,12 @@ def _checked(config: str, f: dataclasses.Field, hint: Any, value: Any) -> Any:
         if value is None:
             return None
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is tuple:  # a fixed-length tuple of one type, e.g. tuple[float, float]
+    if typing.get_origin(hint) is tuple:  # tuple[float, float]: that many values; tuple[int, ...]: one or more
         items = typing.get_args(hint)
+        if items[-1] is Ellipsis:
+            if not isinstance(value, list | tuple) or not value:
+                raise field_error(config, f.name, value, f"must be one or more values, each {_type_name(items[0])}")
+            items = (items[0],) * len(value)
         if not isinstance(value, list | tuple) or len(value) != len(items):
             raise field_error(config, f.name, value, f"must be {len(items)} values, each {_type_name(items[0])}")
         try:
@@ -327,6 +338,88 @@ class IngestConfig(Config):
     push: bool = param(True, help="dvc push after a successful ingest")
     executor: str = param("process", choices=("process", "ray"),
                           help='"process" (local pool) or "ray" (tasks on $RAY_ADDRESS\'s cluster, else local)')
+
+
+# ------------------------------------------------------------------------------------ downstream tasks
+
+
+TASKS = ("forecast", "clinical")
+FORECAST_MODELS = ("brainlm", "scratch", "lstm", "ode", "var", "ar1", "persistence")
+CLINICAL_MODELS = ("brainlm", "ridge_embedding", "svr_embedding", "svr_fc", "ridge_fc")
+# Each target's phenotype column and transform are in brainlm/tasks/clinical.py (TARGETS).
+CLINICAL_TARGETS = ("age", "neuroticism", "pcl", "gad7", "phq9", "phq9_binary", "sex")
+POOLINGS = ("cls", "mean", "connectivity")  # how a clinical head reads the encoder (brainlm.tasks.common.pool)
+
+
+@dataclass(frozen=True)
+class ForecastConfig(Config):
+    """Forecasting: the last patch of each model window from the TRs before it, on held-out subjects.
+
+    The window and the horizon (one patch: the last patch of every parcel is masked) are the pretrained
+    model's. Every model gets the same subject-level split, and every neural model the same random training
+    crops and the same number of optimiser steps (warmup, then cosine, as in pretraining).
+    """
+
+    steps: int = param(300, within="[1, inf)", help="optimiser steps of each neural model (brainlm, scratch, lstm, ode)")
+    batch_size: int = param(16, within="[1, inf)", help="training windows per step")
+    lr: float = param(1e-3, within="(0, inf)", help="peak learning rate (new and randomly initialised parts, baselines)")
+    encoder_lr_scale: float = param(1.0, within="[0, inf)",
+                                    help="the pretrained encoder's learning rate / lr (brainlm only); 0 freezes it")
+    weight_decay: float = param(0.01, within="[0, inf)", help="AdamW weight decay (weight matrices only)")
+    warmup_steps: int = param(15, within="[0, inf)", help="steps of linear warmup (at most `steps`)")
+    grad_clip: float = param(1.0, within="(0, inf)", help="clip the gradient norm to this")
+    eval_stride: int = param(100, within="[1, inf)", help="test windows start every this many TRs of a recording")
+    val_fraction: float = param(0.15, within="(0, 1)",
+                                help="share of participants that choose the VAR's lag and ridge (never tested on)")
+    test_fraction: float = param(0.2, within="(0, 1)", help="share of participants held out for testing")
+    lstm_hidden: int = param(128, within="[1, inf)", help="LSTM state size")
+    ode_latent: int = param(32, within="[1, inf)", help="neural ODE latent state size")
+    ode_hidden: int = param(64, within="[1, inf)", help="neural ODE encoder and vector-field width")
+    var_lags: tuple[int, ...] = param((1, 2, 3, 4), within="[1, inf)", help="VAR lags to choose from")
+    var_alphas: tuple[float, ...] = param((1e-4, 1e-3, 1e-2, 0.1, 1.0), within="[0, inf)",
+                                          help="VAR ridge strengths (per training TR) to choose from")
+    models: tuple[str, ...] = param(FORECAST_MODELS, choices=FORECAST_MODELS, help="the models compared")
+    device: str = param("cpu", help='torch device of the neural models ("cpu", "cuda")')
+    seed: int = param(0, within="[0, inf)", help="seeds the split, the crops and the initial weights")
+
+    def validate(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise self.error("test_fraction", f"must leave participants for training: val_fraction "
+                                              f"({self.val_fraction}) + test_fraction must be below 1")
+
+
+@dataclass(frozen=True)
+class ClinicalConfig(Config):
+    """Clinical prediction of one phenotype with subject-level K-fold cross-validation.
+
+    Target transforms are fitted on each fold's training subjects only. The BrainLM head reads each window's
+    encoder output pooled as `pooling` says: the CLS embedding (`"cls"`), the mean token (`"mean"`), or the
+    similarity of every pair of parcels' token embeddings (`"connectivity"`, second-order); a subject's
+    prediction is the mean over its windows.
+    """
+
+    target: str = param("age", choices=CLINICAL_TARGETS, help="the phenotype predicted")
+    folds: int = param(5, within="[2, inf)", help="cross-validation folds (by subject)")
+    pooling: str = param("connectivity", choices=POOLINGS, help="how the head reads the encoder's tokens")
+    head_hidden: int = param(64, within="[1, inf)", help="width of the MLP head")
+    steps: int = param(200, within="[1, inf)", help="optimiser steps of the fine-tuned head (+ encoder) per fold")
+    batch_size: int = param(16, within="[1, inf)", help="training windows per step")
+    lr: float = param(1e-3, within="(0, inf)", help="the head's peak learning rate")
+    encoder_lr_scale: float = param(0.1, within="[0, inf)",
+                                    help="the pretrained encoder's learning rate / lr; 0 freezes it")
+    weight_decay: float = param(0.01, within="[0, inf)", help="AdamW weight decay (weight matrices only)")
+    warmup_steps: int = param(10, within="[0, inf)", help="steps of linear warmup (at most `steps`)")
+    grad_clip: float = param(1.0, within="(0, inf)", help="clip the gradient norm to this")
+    windows_per_recording: int = param(4, within="[1, inf)",
+                                       help="evenly spaced windows per recording for embeddings and evaluation")
+    svr_c: tuple[float, ...] = param((0.1, 1.0, 10.0, 100.0), within="(0, inf)",
+                                     help="SVR C values, chosen by inner cross-validation on the training folds")
+    ridge_alphas: tuple[float, ...] = param((1.0, 10.0, 100.0, 1000.0), within="(0, inf)",
+                                            help="ridge strengths, chosen the same way")
+    models: tuple[str, ...] = param(CLINICAL_MODELS, choices=CLINICAL_MODELS, help="the models compared")
+    refit: bool = param(True, help="refit every model on all subjects after cross-validation (what is registered)")
+    device: str = param("cpu", help='torch device of the fine-tuning ("cpu", "cuda")')
+    seed: int = param(0, within="[0, inf)", help="seeds the folds, the crops and the head's initial weights")
 
 
 # ----------------------------------------------------------------------------------------- settings

@@ -37,20 +37,27 @@ class TrainingError(BrainLMError):
 # ---------------------------------------------------------------------------------- optimisation
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | str) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | str,
+                    lr_scale: Callable[[str], float] | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only: biases, norms and the CLS/mask tokens are exempt.
 
     Decaying a LayerNorm gain or a learned token pulls it towards zero, which is not regularisation (MAE and
-    nanoGPT make the same split). Fused kernels on CUDA.
+    nanoGPT make the same split). Parameters that do not require gradients are left out. `lr_scale(name)`
+    multiplies `cfg.lr` for a parameter (fine-tuning: a pretrained encoder learns more slowly than a new
+    head); without it every parameter gets `cfg.lr`. Fused kernels on CUDA.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith("_token") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale = 1.0 if lr_scale is None else float(lr_scale(name))
+        for decays in (True, False):  # per scale: the decayed group, then the exempt one (checkpoints' order)
+            groups.setdefault((scale, decays), [])
+        groups[scale, not (p.ndim < 2 or name.endswith("_token"))].append(p)
+    param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale}
+                    for (scale, decays), params in groups.items()]
     fused = True if torch.device(device).type == "cuda" else None  # None: PyTorch's default (foreach) kernels
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:

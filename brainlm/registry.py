@@ -24,11 +24,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import numpy as np
@@ -48,8 +48,10 @@ from brainlm.errors import BrainLMError
 from brainlm.model import BrainLM
 
 SERVING_CODE = Path(__file__).with_name("serving.py")  # the code file MLflow runs to rebuild BrainLM
+SERVING_TASKS_CODE = Path(__file__).with_name("serving_tasks.py")  # ... and a task model (brainlm/tasks/saved.py)
 CONFIG_FILE = "config.json"
 MODEL_NAME_IN_RUN = "model"
+T = TypeVar("T")
 
 # Tags every registered version carries (the lineage `brainlm models` shows).
 COHORT_TAG = "cohort"
@@ -175,6 +177,11 @@ def end_run(run_id: str, status: str = "FINISHED", *, settings: Settings) -> Non
     _client(settings).set_terminated(run_id, status)
 
 
+def log_artifacts(run_id: str, directory: Path, artifact_path: str | None = None, *, settings: Settings) -> None:
+    """Upload every file under `directory` to the run's artifacts (under `artifact_path`)."""
+    _client(settings).log_artifacts(run_id, str(directory), artifact_path)
+
+
 # ------------------------------------------------------------------------------------ logging models
 
 
@@ -189,6 +196,7 @@ def log_model(
     metrics: Mapping[str, float],
     tags: Mapping[str, str],
     code: Path = SERVING_CODE,
+    pip_requirements: list[str] | None = None,
     settings: Settings,
 ) -> ModelVersion:
     """Log safetensors weights + a JSON config as a models-from-code pyfunc, register it, alias it.
@@ -196,7 +204,7 @@ def log_model(
     The new version gets `tags`, `metrics` as `metric.<name>` tags (what `list_models` shows, so a task model
     and its baselines compare side by side) and the alias `settings.mlflow.new_alias` ("challenger").
     `code` is the file MLflow executes to rebuild the model from `context.artifacts["weights"]` and
-    `["config"]`.
+    `["config"]`; `pip_requirements` defaults to PIP_REQUIREMENTS.
     The run is left FINISHED: registration is the last thing a training run does.
     """
     configure(settings)
@@ -211,7 +219,7 @@ def log_model(
                 artifacts={"weights": str(weights), "config": str(config_path)},
                 signature=infer_signature(input_example, output_example),
                 input_example=input_example,
-                pip_requirements=PIP_REQUIREMENTS,
+                pip_requirements=pip_requirements or PIP_REQUIREMENTS,
                 code_paths=[str(package)],
                 registered_model_name=registered_model_name,
             )
@@ -354,7 +362,17 @@ def load_model(uri_or_name: str, alias: str | None = None, *, settings: Settings
     Downloads the model's files and builds the network from `config.json` + `model.safetensors`. Nothing is
     unpickled: safetensors holds raw tensors, and the config is JSON.
     """
-    uri = uri_or_name if ":/" in uri_or_name else f"models:/{uri_or_name}@{alias or settings.mlflow.production_alias}"
+    return load_files(uri_or_name, build_model, alias, settings=settings)
+
+
+def load_files(uri_or_name: str, build: Callable[[Path, Path], T], alias: str | None = None, *,
+               settings: Settings) -> T:
+    """`build(config_path, weights_path)` on a registered model's downloaded files (removed afterwards).
+
+    Any model logged by `log_model` works: the pretrained BrainLM (`build_model`) or a task model
+    (`brainlm.tasks.saved.load_task_model`).
+    """
+    uri = _model_uri(uri_or_name, alias, settings)
     # MLflow resolves a `models:/` URI against its process-wide registry URI, whatever URI it is given.
     with tempfile.TemporaryDirectory() as tmp, _fluent(settings):
         try:
@@ -362,7 +380,27 @@ def load_model(uri_or_name: str, alias: str | None = None, *, settings: Settings
         except MlflowException as e:
             raise RegistryError(f"cannot resolve {uri} in {settings.tracking_uri()}: {e.message}") from e
         files = _pyfunc_artifacts(local)
-        return build_model(files["config"], files["weights"])
+        return build(files["config"], files["weights"])
+
+
+def _model_uri(uri_or_name: str, alias: str | None, settings: Settings) -> str:
+    return uri_or_name if ":/" in uri_or_name else f"models:/{uri_or_name}@{alias or settings.mlflow.production_alias}"
+
+
+def model_version(uri_or_name: str, alias: str | None = None, *, settings: Settings) -> dict[str, Any]:
+    """The registered version a `models:/NAME@ALIAS` or `models:/NAME/N` URI points at, as a `list_models` row."""
+    uri = _model_uri(uri_or_name, alias, settings)
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    client = _client(settings)
+    try:
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as e:
+        raise RegistryError(f"cannot resolve {uri} in {settings.tracking_uri()}: {e.message}") from e
+    return _version_row(client, version)
 
 
 def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:

@@ -35,3 +35,6 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAINLM_HOME", str(root))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return root
+
+# Session fixtures for the downstream tasks (a tiny BrainLM pretrained once per session), shared by tasks/ and flows/.
+pytest_plugins = ["fixtures_tasks"]

@@ -1,7 +1,7 @@
 """Every `brainlm` command run the way the README shows it: the console script in a subprocess.
 
 One brainlm home walks the README's sequence once (module fixture): presets → synth → ingest → a second ingest →
-data versions → data checkout (back to the first version) → data export → pretrain → promote → models.
+data versions → data checkout (back to the first version) → data export → pretrain → promote → models → evaluate.
 Each test then checks what one command printed and the state it left (files, data versions, MLflow runs, registry
 aliases), read back with the library from the same home.
 """
@@ -32,6 +32,9 @@ BRAINLM = Path(sys.executable).parent / "brainlm"  # `.venv/bin/brainlm`, the RE
 COHORT = "lab"
 SYNTH = ["--subjects", "6", "--timepoints", "240", "--max-parcels", "20"]
 PRETRAIN = ["--steps", "2", "--eval-every", "2", "--batch-size", "4", "--workers", "1", "--eval-crops", "1"]
+PRETRAINED = "brainlm-pretrained"
+EVALUATE = ["--task", "forecast", "--cohort", COHORT, "--model", f"models:/{PRETRAINED}@champion", "--steps", "2",
+            "--models", "brainlm", "var", "persistence"]
 
 
 @dataclass
@@ -83,6 +86,7 @@ def session(tmp_path_factory) -> Session:
     brainlm("pretrain", "pretrain", "--cohort", COHORT, "--preset", "tiny", *PRETRAIN)
     brainlm("promote", "promote", "brainlm-pretrained", "1", "--alias", "champion")
     brainlm("models", "models")
+    brainlm("evaluate", "evaluate", *EVALUATE)
     return s
 
 
@@ -150,7 +154,7 @@ def test_pretrain_trains_for_the_steps_asked_and_registers_a_challenger(session)
     assert "registered brainlm-pretrained version 1 @challenger" in out
     assert "trained     2 optimiser steps, 8 windows" in out
     settings = load_settings(session.home)
-    [version] = [r for r in registry.list_models(settings=settings) if r["version"] == "1"]
+    [version] = registry.list_models(PRETRAINED, settings=settings)
     run = MlflowClient(settings.tracking_uri()).get_run(version["run_id"])
     assert run.info.status == "FINISHED" and f"MLflow run {run.info.run_id}" in out
     assert (run.data.params["train.steps"], run.data.params["train.batch_size"]) == ("2", "4")
@@ -162,7 +166,7 @@ def test_the_registered_version_carries_the_stores_current_data_version(session)
     first version, not the latest ingest)."""
     current = versioning.current_version(session.home)
     settings = load_settings(session.home)
-    [version] = registry.list_models(settings=settings)
+    [version] = registry.list_models(PRETRAINED, settings=settings)
     assert version["data_version"] == current.tag
     assert version["data_version"] != versioning.Version(md5=session.second.md5, rev=session.second.rev).tag
     from mlflow import MlflowClient
@@ -174,13 +178,33 @@ def test_the_registered_version_carries_the_stores_current_data_version(session)
 
 def test_promote_moves_the_champion_alias_to_the_version(session):
     assert "brainlm-pretrained version 1 is now @champion" in session.out["promote"]
-    [version] = registry.list_models(settings=load_settings(session.home))
+    [version] = registry.list_models(PRETRAINED, settings=load_settings(session.home))
     assert version["aliases"] == ["challenger", "champion"]
 
 
 def test_models_shows_versions_aliases_runs_and_data_versions(session):
-    [version] = registry.list_models(settings=load_settings(session.home))
-    [line] = session.out["models"].splitlines()
+    [version] = registry.list_models(PRETRAINED, settings=load_settings(session.home))
+    [line] = session.out["models"].splitlines()  # before `evaluate` registered its models
     assert line.startswith(f"brainlm-pretrained v1  aliases=challenger,champion  run={version['run_id']}  "
                            f"data={version['data_version']}  ")
     assert "val_masked_mse=" in line and "step=2" in line
+
+
+def test_evaluate_prints_the_comparison_and_registers_every_model_with_its_lineage(session):
+    """The forecast comparison of the champion against two baselines: one row per model, each registered with
+    the pretrained version it came from and the store's current data version."""
+    out = session.out["evaluate"]
+    table = out[out.index("\nmodel ") + 1:].splitlines()
+    assert table[0].split()[:3] == ["model", "mse", "r2"]
+    assert [line.split()[0] for line in table[2:5]] == ["brainlm", "var", "persistence"]
+    settings = load_settings(session.home)
+    current = versioning.current_version(session.home)
+    for name in ("brainlm-forecast", "baseline-forecast-var", "baseline-forecast-persistence"):
+        [version] = registry.list_models(name, settings=settings)
+        assert f"registered as {name}/1" in out and version["aliases"] == ["challenger"]
+        assert (version["cohort"], version["data_version"]) == (COHORT, current.tag)
+        assert {"mse", "r2"} <= set(version["metrics"])
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(settings.tracking_uri()).get_model_version("brainlm-forecast", "1").tags
+    assert tags["pretrained_model"] == f"{PRETRAINED}/1"

@@ -13,6 +13,8 @@ import pytest
 from brainlm import cli
 from brainlm.config import (
     RUN_MODEL_OPTIONS,
+    ClinicalConfig,
+    ForecastConfig,
     IngestConfig,
     MlflowSettings,
     ModelConfig,
@@ -25,11 +27,13 @@ from brainlm.config import (
     run_configs,
     run_options,
     to_dict,
+    with_options,
 )
 from brainlm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = [ModelConfig, TrainConfig, SynthConfig, IngestConfig, MlflowSettings, Settings]
+CONFIGS = [ModelConfig, TrainConfig, SynthConfig, IngestConfig, MlflowSettings, Settings, ForecastConfig,
+           ClinicalConfig]
 FIELDS = [(cls, f) for cls in CONFIGS for f in dataclasses.fields(cls)]
 
 
@@ -58,7 +62,10 @@ def test_every_bounded_field_refuses_a_value_out_of_its_range(case):
     within = f.metadata["within"]
     integer = "int" in str(f.type)
     value = outside(within, integer)
-    if "tuple" in str(f.type):
+    if "..." in str(f.type):  # any number of values: one out of range
+        value, shown = [value], rf"\[{value}\]"
+        rule = f"each must be in {within}"
+    elif "tuple" in str(f.type):
         value, shown = [0.5, value], rf"\[0.5, {value}\]"
         rule = f"each must be in {within}"
     else:
@@ -81,6 +88,13 @@ def test_every_bounded_field_refuses_a_value_out_of_its_range(case):
      "TrainConfig.test_fraction = 0.5: must leave participants for training"),
     (IngestConfig, {"executor": "threads"}, "IngestConfig.executor = 'threads': must be one of 'process', 'ray'"),
     (SynthConfig, {"max_parcels": 0}, "SynthConfig.max_parcels = 0: must be in [1, inf)"),
+    (ForecastConfig, {"models": ["brainlm", "arima"]},
+     "ForecastConfig.models = ['brainlm', 'arima']: each must be one of 'brainlm', 'scratch', "),
+    (ForecastConfig, {"var_lags": []}, "ForecastConfig.var_lags = []: must be one or more values, each an integer"),
+    (ForecastConfig, {"val_fraction": 0.5, "test_fraction": 0.5},
+     "ForecastConfig.test_fraction = 0.5: must leave participants for training"),
+    (ClinicalConfig, {"pooling": "max"}, "ClinicalConfig.pooling = 'max': must be one of 'cls', 'mean', 'connectivity'"),
+    (ClinicalConfig, {"folds": 1}, "ClinicalConfig.folds = 1: must be in [2, inf)"),
     (Settings, {"mlflow": {"new_alias": 3}}, "MlflowSettings.new_alias = 3: must be a string"),
 ])
 def test_bad_values_are_refused_naming_field_value_and_rule(cls, values, message):
@@ -102,6 +116,15 @@ def test_values_are_normalised_and_round_trip():
         dataclasses.replace(preset("tiny"), mask_ratio=-0.1)  # replace builds through the same checks
     with pytest.raises(ConfigError, match="unknown config keys"):
         preset("tiny", hiden=3)
+
+
+def test_with_options_changes_the_options_given_and_checks_them():
+    cfg = with_options(ClinicalConfig(), steps=30, folds=None, models=["ridge_fc"])
+    assert cfg == dataclasses.replace(ClinicalConfig(), steps=30, models=("ridge_fc",))
+    with pytest.raises(ConfigError, match=r"ForecastConfig.var_alphas = \[-1.0\]: each must be in \[0, inf\)"):
+        with_options(ForecastConfig(), var_alphas=[-1.0])
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        with_options(ForecastConfig(), folds=3)
 
 
 def test_load_settings_takes_the_tracking_uri_from_the_environment_once(tmp_path, monkeypatch):
@@ -179,6 +202,13 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
     (["pretrain", "--cohort", "c", "--lr", "fast"],
      "brainlm pretrain: error: argument --lr: invalid float value: 'fast' (see brainlm pretrain --help)"),
     (["synth", "out", "--subjects", "0"], "brainlm synth: error: --subjects 0: must be in [1, inf)"),
+    (["evaluate", "--task", "clinical", "--cohort", "c", "--model", "m", "--folds", "1"],
+     "brainlm evaluate: error: --folds 1: must be in [2, inf)"),
+    (["evaluate", "--task", "forecast", "--cohort", "c", "--model", "m", "--models", "brainlm", "arima"],
+     "brainlm evaluate: error: --models brainlm arima: each must be one of 'brainlm', 'scratch', 'lstm', 'ode', "
+     "'var', 'ar1', 'persistence'"),
+    (["evaluate", "--task", "forecast", "--cohort", "c", "--model", "m", "--target", "age"],
+     "brainlm evaluate: error: --target: only for --task clinical"),
 ])
 def test_the_cli_reports_a_bad_option_in_one_line_naming_it(argv, line):
     proc = run_cli(*argv)

@@ -325,7 +325,9 @@ def where_things_are(result: PretrainResult, settings: Settings | None = None, p
         f"  Prefect UI  {'PREFECT_HOME=' + prefect_home + ' ' if prefect_home else ''}.venv/bin/prefect server start",
         "              then open http://127.0.0.1:4200 (the demo's flow runs are recorded there)",
         "  models      .venv/bin/brainlm models",
-        f"  promote     .venv/bin/brainlm promote {result.model_name} {result.version}   (alias champion)",
+        f"  promote     .venv/bin/brainlm promote --gate --cohort {result.cohort_path.name}   (champion only if it "
+        f"beats the references on held-out participants; by hand: brainlm promote {result.model_name} "
+        f"{result.version})",
     ]
     return "\n".join(lines)
 

@@ -49,14 +49,15 @@ def announce(version: CohortVersioned) -> str:
 
 def cohort_versioned(version: CohortVersioned) -> str | None:
     """The `brainlm ingest` hook: send the event to the configured Prefect server now, or raise HookError."""
-    from prefect.events import Event
-    from prefect.events.clients import get_events_client
     from prefect.settings import PREFECT_API_URL
-    from prefect.utilities.asyncutils import run_coro_as_sync
 
     url = PREFECT_API_URL.value()
     if not url:
         return None  # no Prefect server configured: no automation to tell
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
     event = Event(event=EVENT, resource=resource(version), payload=payload(version), id=event_id(version))
 
     async def send() -> None:

@@ -86,5 +86,9 @@ def reevaluate_on_new_version() -> DeploymentEventTrigger:
 
 
 if __name__ == "__main__":
+    try:
+        served = deployments()
+    except ConfigError as e:  # a bad serve config: one line, naming the file and the setting
+        raise SystemExit(f"flows.serve: error: {' '.join(str(e).split())}") from None
     # Stopping leaves the schedules as they are (an active nightly evaluation stays active for the next start).
-    serve(*deployments(), pause_on_shutdown=False)
+    serve(*served, pause_on_shutdown=False)

@@ -152,6 +152,10 @@ def test_make_serve_serves_the_four_deployments_with_a_paused_nightly_evaluation
 
 def test_brainlm_ingest_announces_a_new_version_and_its_evaluation_runs_by_itself(stack, tmp_path):
     """With no champion yet, the triggered evaluation completes having evaluated nothing, and says why."""
+    from importlib.metadata import entry_points
+
+    hooks = {ep.value for ep in entry_points(group="brainlm.cohort_versioned")}
+    assert "flows.events:cohort_versioned" in hooks, "brainlm's Prefect hook is not installed: run make install"
     out = stack.brainlm("ingest", str(lab_input(tmp_path / "v1", seed=0)), "--cohort", COHORT)
     version = versioning.current_version(stack.home).tag
     assert f"told Prefect ({stack.url}): {EVENT} for cohort {COHORT}" in out

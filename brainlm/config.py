@@ -150,6 +150,8 @@ def _typed(config: str, name: str, hint: Any, value: Any) -> Any:
     elif hint is Path:
         ok = isinstance(value, str | os.PathLike)
         value = Path(value) if ok else value
+    elif typing.get_origin(hint) is dict:  # e.g. a deployment's default flow parameters (checked by the flow)
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
     elif dataclasses.is_dataclass(hint):
         if isinstance(value, dict):
             value = from_dict(hint, value)
@@ -162,6 +164,8 @@ def _typed(config: str, name: str, hint: Any, value: Any) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is dict:
+        return "a mapping of names to values"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             Path: "a path"}.get(hint, f"a {getattr(hint, '__name__', hint)}")
 
@@ -422,6 +426,44 @@ class ClinicalConfig(Config):
     seed: int = param(0, within="[0, inf)", help="seeds the folds, the crops and the head's initial weights")
 
 
+# --------------------------------------------------------------------------------------------- promotion
+
+
+PROMOTION_SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class PromotionConfig(Config):
+    """Gated promotion (brainlm/promotion.py): the held-out evaluation a challenger must win to become champion.
+
+    Challenger and champion are scored on the same windows of the same held-out participants with the same
+    masks, beside the reference predictors on those masked patches. The split's defaults are TrainConfig's, so
+    the held-out participants are the ones a model pretrained on the cohort with the default split never saw.
+    """
+
+    margin: float = param(0.01, within="[0, 1)",
+                          help="the challenger's held-out masked MSE must be at least this fraction below the "
+                               "champion's and below every reference predictor's")
+    split: str = param("test", choices=PROMOTION_SPLITS, help="which held-out participants score the models")
+    val_fraction: float = param(TrainConfig.val_fraction, within="(0, 1)",
+                                help="share of participants in the validation split (as in pretraining)")
+    test_fraction: float = param(TrainConfig.test_fraction, within="[0, 1)",
+                                 help="share of participants in the test split (as in pretraining)")
+    seed: int = param(TrainConfig.seed, within="[0, inf)", help="seeds the split, the windows and the masks")
+    eval_crops: int = param(TrainConfig.eval_crops, within="[1, inf)", help="fixed windows per held-out recording")
+    mask_ratio: float | None = param(None, within="[0, 1)",
+                                     help="share of patches masked; unset: the challenger's own training ratio")
+    batch_size: int = param(16, within="[1, inf)", help="windows per forward pass")
+    device: str = param("cpu", help='torch device ("cpu", "cuda")')
+
+    def validate(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise self.error("test_fraction", f"must leave participants for training: val_fraction "
+                                              f"({self.val_fraction}) + test_fraction must be below 1")
+        if self.split == "test" and self.test_fraction == 0:
+            raise self.error("test_fraction", "must be above 0 when the gate scores the test split")
+
+
 # ----------------------------------------------------------------------------------------- settings
 
 
@@ -507,3 +549,65 @@ def load_settings(home: str | os.PathLike | None = None) -> Settings:
     except ConfigError as e:
         raise ConfigError(f"{cfg_path}: {e}", field=e.field, value=e.value, rule=e.rule) from e
     return Settings(home=root, mlflow=mlflow_cfg)
+
+
+# ------------------------------------------------------------------------------------------ deployments
+
+
+@dataclass(frozen=True)
+class DeploymentConfig(Config):
+    """One deployment that `make serve` serves (flows/serve.py): default parameters and an optional schedule."""
+
+    parameters: dict[str, Any] = param(default_factory=dict,
+                                       help="the flow's default parameters (a run's `-p NAME=VALUE` overrides them)")
+    cron: str | None = param(None, help='a cron schedule, e.g. "0 3 * * *" (every night at 03:00)')
+    timezone: str = param("UTC", help="the schedule's IANA time zone")
+    active: bool = param(False, help="whether the schedule starts runs (false: defined, but paused)")
+
+
+@dataclass(frozen=True)
+class ServeConfig(Config):
+    """What `make serve` serves, beyond flows/serve.py's own defaults.
+
+    `BRAINLM_SERVE_CONFIG` names a YAML file of the same shape; what it sets replaces these values (a
+    deployment's `parameters` are merged over the defaults), e.g.
+
+        evaluate:
+          parameters: {targets: [age], steps: 100}
+          active: true        # the nightly evaluation of the champion runs
+    """
+
+    ingest: DeploymentConfig = param(default_factory=DeploymentConfig)
+    pretrain: DeploymentConfig = param(default_factory=DeploymentConfig)
+    evaluate: DeploymentConfig = param(default_factory=lambda: DeploymentConfig(cron="0 3 * * *"))
+    promote: DeploymentConfig = param(default_factory=DeploymentConfig)
+    reevaluate: bool = param(True, help="evaluate the champion on every new cohort version (Prefect automation)")
+
+
+SERVE_CONFIG_ENV = "BRAINLM_SERVE_CONFIG"
+
+
+def load_serve_config(path: str | os.PathLike | None = None) -> ServeConfig:
+    """ServeConfig from `path` (default `$BRAINLM_SERVE_CONFIG`; neither: the defaults), merged over the defaults."""
+    import yaml
+
+    path = path or os.environ.get(SERVE_CONFIG_ENV)
+    if not path:
+        return ServeConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{SERVE_CONFIG_ENV}={path}: no such file")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of deployments, got {type(raw).__name__}")
+    merged = to_dict(ServeConfig())
+    try:
+        for key, value in raw.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                parameters = {**merged[key]["parameters"], **(value.get("parameters") or {})}
+                merged[key] = {**merged[key], **value, "parameters": parameters}
+            else:
+                merged[key] = value
+        return from_dict(ServeConfig, merged)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}", field=e.field, value=e.value, rule=e.rule) from e

@@ -105,13 +105,23 @@ def pretrained(tmp_path_factory) -> Pretrained:
     return Pretrained(task_path, folder, seconds, metrics["val_masked_mse"] / metrics["val_zero_mse"])
 
 
-def register_pretrained(pretrained: Pretrained, settings) -> str:
-    """Register the session's checkpoint in the current test's MLflow store; returns its models:/ URI."""
+def untrained_checkpoint(folder: Path, seed: int = 1) -> Path:
+    """A checkpoint of the session model's architecture as initialised, never trained (a model that must lose)."""
+    torch.manual_seed(seed)
+    model = BrainLM(SCIENCE_MODEL)
+    optimizer = build_optimizer(model, SCIENCE_TRAIN, CPU)
+    return checkpoint.save(folder, model, optimizer, build_scheduler(optimizer, SCIENCE_TRAIN), step=0, windows=0,
+                           model_cfg=SCIENCE_MODEL, train_cfg=SCIENCE_TRAIN, metrics={})
+
+
+def register_pretrained(pretrained: Pretrained, settings, checkpoint_dir: Path | None = None) -> str:
+    """Register the session's checkpoint (or another of its architecture, e.g. `untrained_checkpoint`'s) in the
+    current test's MLflow store, as trained on the pretraining cohort; returns its models:/ URI (@challenger)."""
     from brainlm import pipelines, registry
 
     cohort = open_cohort(pretrained.checkpoint.parent / "pretrain")
     run_id = registry.start_run(settings.mlflow.pretrain_experiment, "fixture-pretrain", {}, {}, settings=settings)
-    version = registry.log_pretrained(run_id, pretrained.checkpoint, SCIENCE_MODEL, pipelines.cohort_info(cohort),
-                                      None, preset="tiny", settings=settings)
+    version = registry.log_pretrained(run_id, checkpoint_dir or pretrained.checkpoint, SCIENCE_MODEL,
+                                      pipelines.cohort_info(cohort), None, preset="tiny", settings=settings)
     registry.end_run(run_id, "FINISHED", settings=settings)
     return f"models:/{version.name}@{settings.mlflow.new_alias}"

@@ -71,6 +71,14 @@ class ModelConfig:
     dropout: float = 0.0
     coord_scale: float = 100.0  # MNI mm are divided by this before the spatial embedding (keeps inputs ~[-1, 1])
     activation_checkpointing: bool = False  # recompute encoder + decoder blocks in backward: memory for compute (650M)
+    # --- options beyond the paper's model (defaults keep it)
+    spatial_embedding: str = "mlp"  # "mlp": MLP on XYZ; "fourier": random Fourier features of XYZ, then linear
+    fourier_mm: float = 20.0  # "fourier": shortest wavelength (mm); frequencies spread down to brain size
+    temporal_embedding: str = "sinusoidal"  # "sinusoidal" over patch index (any window) or "learned" (this window)
+    position_scale: float = 1.0  # initial gain of the position embedding against the patch embedding
+    film: bool = False  # patch embedding × (1 + linear(position)): parcel-specific signed mixing through attention
+    time_bias: bool = False  # learned relative-time bias in attention (same-patch tokens easy to attend to)
+    parcel_embedding: int = 0  # > 0: a learned vector per parcel for an atlas of exactly this many (atlas-bound)
 
     def __post_init__(self) -> None:
         if self.window % self.patch_size:
@@ -79,6 +87,12 @@ class ModelConfig:
             raise ValueError("hidden sizes must be divisible by their head counts")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.spatial_embedding not in ("mlp", "fourier"):
+            raise ValueError(f"spatial_embedding must be 'mlp' or 'fourier', got {self.spatial_embedding!r}")
+        if self.temporal_embedding not in ("sinusoidal", "learned"):
+            raise ValueError(f"temporal_embedding must be 'sinusoidal' or 'learned', got {self.temporal_embedding!r}")
+        if self.fourier_mm <= 0 or self.position_scale <= 0 or self.parcel_embedding < 0:
+            raise ValueError("fourier_mm and position_scale must be > 0 and parcel_embedding >= 0")
 
     @property
     def patches_per_parcel(self) -> int:

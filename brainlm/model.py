@@ -1,7 +1,7 @@
 """BrainLM: a masked autoencoder over fMRI parcel time series, readable top to bottom.
 
     signals (B, P, T) ──patchify──> tokens (B, P·N, S)      N = T / S patches per parcel, S = patch size
-            ──embed──> patch + spatial(parcel XYZ) + temporal(patch index)
+            ──embed──> patch + spatial(Fourier features of parcel XYZ) + temporal(patch index)
             ──mask──> keep a random (1 − ratio) share of tokens
             ──encode──> Transformer over [CLS] + visible tokens
             ──decode──> lighter Transformer over all tokens (mask tokens fill the gaps)
@@ -9,6 +9,11 @@
 
 Tokens are (parcel, patch) pairs, so any parcel count works (the atlas only supplies centroids) and any window
 that is a multiple of the patch size works (the temporal embedding is sinusoidal over patch index).
+Every attention layer adds a learned relative-time bias that starts out favouring tokens of the same patch:
+in fMRI a masked patch is predicted mostly from other parcels at the same timepoints, and without the bias the
+model first sits on the zero prediction for hundreds of steps before it finds them. The spatial embedding maps
+random Fourier features of the centroid (wavelengths 200 mm down to `fourier_mm`), which tell parcels apart
+from the start; `spatial_embedding="mlp"` and `time_bias=False` give the paper's embedding and attention.
 Attention runs through `scaled_dot_product_attention` (flash / memory-efficient kernels); weights are computed
 explicitly only when asked for, for interpretability. This module needs torch alone.
 """
@@ -83,7 +88,7 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, D)), weights
 
 
-def time_bias_features(n_patches: int, batch: int, tokens_per_patch: int, device: torch.device | None,
+def time_bias_features(n_patches: int, batch: int, parcels: int, device: torch.device | None,
                        order: Tensor | None = None) -> Tensor:
     """(B, 1 + L, 2F) cos / sin of ω_f n for each token's patch index n (CLS first, zeros).
 
@@ -91,7 +96,7 @@ def time_bias_features(n_patches: int, batch: int, tokens_per_patch: int, device
     visible tokens of the encoder).
     """
     freq = math.pi * (torch.arange(TIME_BIAS_FREQUENCIES, device=device) + 0.5) / TIME_BIAS_FREQUENCIES
-    n = torch.arange(n_patches, device=device).repeat(tokens_per_patch)  # (L,) patch index of each token
+    n = torch.arange(n_patches, device=device).repeat(parcels)  # (L,) patch index of each token
     n = n.expand(batch, -1) if order is None else torch.gather(n.expand(batch, -1), 1, order)
     angle = n[..., None].float() * freq
     feats = torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
@@ -148,43 +153,30 @@ class FourierFeatures(nn.Module):
 
 
 class TokenEmbedding(nn.Module):
-    """Where a token sits: spatial (parcel centroid) + temporal (patch index).
+    """Where a token sits: spatial (parcel centroid) + temporal (sinusoidal over patch index).
 
-    Spatial: an MLP on the centroid (the paper's) or random Fourier features of it; optionally plus a learned
-    vector per parcel. Temporal: sinusoidal over patch index × a learned per-channel scale (any window), or a
-    learned table for the configured window.
+    Spatial is an MLP on the centroid / coord_scale (the paper's) or a linear map of its random Fourier
+    features; both are functions of the centroid alone, so any atlas works.
     """
 
     def __init__(self, dim: int, cfg: ModelConfig):
         super().__init__()
         self.coord_scale = cfg.coord_scale
         if cfg.spatial_embedding == "fourier":
-            self.spatial = nn.Sequential(FourierFeatures(dim // 2, cfg.fourier_mm), nn.Linear(2 * (dim // 2), dim))
             self.coord_scale = 1.0  # Fourier features take millimetres
+            self.spatial = nn.Sequential(FourierFeatures(dim // 2, cfg.fourier_mm), nn.Linear(2 * (dim // 2), dim))
         else:
             self.spatial = nn.Sequential(nn.Linear(3, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.temporal_scale = nn.Parameter(torch.full((dim,), float(cfg.position_scale)))  # weighs time against space
-        self.temporal = None
-        if cfg.temporal_embedding == "learned":
-            self.temporal = nn.Parameter(torch.randn(cfg.patches_per_parcel, dim) * 0.02)
-        self.parcel = nn.Parameter(torch.randn(cfg.parcel_embedding, dim) * 0.02) if cfg.parcel_embedding else None
-        self.position_scale = cfg.position_scale
+        self.temporal_scale = nn.Parameter(torch.ones(dim))  # lets training weigh time against space
 
     def forward(self, coords: Tensor, n_patches: int) -> Tensor:
         """coords (B, P, 3) in MNI mm → (B, P, N, dim) position embedding."""
-        space = self.spatial(coords / self.coord_scale) * self.position_scale  # (B, P, D)
-        if self.parcel is not None:
-            if coords.shape[1] != self.parcel.shape[0]:
-                raise ValueError(f"this model has a learned vector for each of {self.parcel.shape[0]} parcels; "
-                                 f"the input has {coords.shape[1]}")
-            space = space + self.parcel
-        if self.temporal is None:
-            time = sinusoidal(n_patches, space.shape[-1], coords.device).to(space.dtype) * self.temporal_scale
-        elif n_patches > self.temporal.shape[0]:
-            raise ValueError(f"learned temporal embedding covers {self.temporal.shape[0]} patches, got {n_patches}")
-        else:
-            time = self.temporal[:n_patches]
+        space = self.spatial(coords / self.coord_scale)  # (B, P, D)
+        time = sinusoidal(n_patches, space.shape[-1], coords.device).to(space.dtype) * self.temporal_scale
         return space[:, :, None, :] + time[None, None, :, :]
+
+
+# -------------------------------------------------------------------------------------------- model
 
 
 class BrainLM(nn.Module):
@@ -195,7 +187,6 @@ class BrainLM(nn.Module):
         # encoder
         self.patch_embed = nn.Linear(cfg.patch_size, D)
         self.pos_embed = TokenEmbedding(D, cfg)
-        self.film = nn.Linear(D, D) if cfg.film else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.blocks = nn.ModuleList(
             Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.time_bias) for _ in range(cfg.layers)
@@ -225,8 +216,6 @@ class BrainLM(nn.Module):
         # Start from predicting ~0 (the median of a robust-scaled series) rather than from noise of the
         # targets' own scale: the first steps then improve on the zero baseline instead of first climbing to it.
         nn.init.normal_(self.decoder_pred.weight, std=0.02)
-        if self.film is not None:  # start as the plain sum: modulation 1 everywhere
-            nn.init.zeros_(self.film.weight)
 
     # ---- patches
 
@@ -287,11 +276,7 @@ class BrainLM(nn.Module):
         patches = self.patchify(signals)
         B, P, N, S = patches.shape
         coords = self._batch_coords(coords, B)
-        pos = self.pos_embed(coords, N)
-        content = self.patch_embed(patches)
-        if self.film is not None:
-            content = content * (1 + self.film(pos))
-        x = (content + pos).reshape(B, P * N, -1)
+        x = (self.patch_embed(patches) + self.pos_embed(coords, N)).reshape(B, P * N, -1)
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         time_features = None

@@ -1,4 +1,5 @@
-"""Options beyond the paper's model: relative-time attention bias and Fourier spatial embedding."""
+"""How position reaches attention: the relative-time attention bias and the Fourier spatial embedding (the
+defaults), and the paper's MLP embedding with plain attention (the options that switch them off)."""
 
 import math
 
@@ -47,8 +48,9 @@ def test_time_bias_starts_out_preferring_tokens_of_the_same_patch():
 def test_fourier_features_are_fixed_saved_and_tell_nearby_parcels_apart():
     a, b = FourierFeatures(32, 20.0), FourierFeatures(32, 20.0)
     assert torch.equal(a.freq, b.freq)  # from a fixed seed, not the global RNG
-    model = BrainLM(preset("tiny", spatial_embedding="fourier"))
-    assert "pos_embed.spatial.0.freq" in model.state_dict()
+    model = BrainLM(preset("tiny"))
+    assert "pos_embed.spatial.0.freq" in model.state_dict()  # the default embedding
+    assert "pos_embed.spatial.0.freq" not in BrainLM(preset("tiny", spatial_embedding="mlp")).state_dict()
     wavelengths = 2 * math.pi / a.freq.norm(dim=1)
     assert 20.0 <= wavelengths.min() and wavelengths.max() <= 200.0
     coords = torch.tensor([[30.0, -20.0, 10.0], [38.0, -20.0, 10.0]])  # 8 mm apart
@@ -57,11 +59,11 @@ def test_fourier_features_are_fixed_saved_and_tell_nearby_parcels_apart():
     assert torch.linalg.vector_norm(fa[0] - fa[1]) > 0.2 * torch.linalg.vector_norm(fa[0])
 
 
-@pytest.mark.parametrize("options", [{"time_bias": True}, {"spatial_embedding": "fourier"},
-                                     {"time_bias": True, "spatial_embedding": "fourier"}])
-def test_options_keep_parcel_permutation_equivariance_and_any_shape(options):
+@pytest.mark.parametrize("spatial", ["fourier", "mlp"])
+@pytest.mark.parametrize("time_bias", [True, False])
+def test_options_keep_parcel_permutation_equivariance_and_any_shape(spatial, time_bias):
     torch.manual_seed(0)
-    model = BrainLM(preset("tiny", **options)).eval()
+    model = BrainLM(preset("tiny", spatial_embedding=spatial, time_bias=time_bias)).eval()
     B, P, T = 2, 9, 200
     x, coords, noise = torch.randn(B, P, T), torch.randn(P, 3) * 60, torch.rand(B, P, T // 20)
     perm = torch.randperm(P)
@@ -79,17 +81,17 @@ def test_options_work_with_activation_checkpointing_and_explicit_attention():
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(1)
-        model = BrainLM(preset("tiny", time_bias=True, activation_checkpointing=ckpt)).train()
+        model = BrainLM(preset("tiny", activation_checkpointing=ckpt)).train()
         model(x, coords, noise=noise).loss.backward()
         grads.append(model.blocks[0].attn.time_bias.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
-    model = BrainLM(preset("tiny", time_bias=True)).eval()
+    model = BrainLM(preset("tiny")).eval()
     emb = model.embed(x, coords, output_attentions=True)
     assert torch.allclose(model.embed(x, coords).cls, emb.cls, atol=1e-5)
 
 
 def test_option_fields_validate_and_round_trip():
-    cfg = preset("tiny", time_bias=True, spatial_embedding="fourier", fourier_mm=15.0)
+    cfg = preset("tiny", time_bias=False, spatial_embedding="mlp", fourier_mm=15.0)
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg
     with pytest.raises(ValueError, match="spatial_embedding"):
         ModelConfig(spatial_embedding="learned")

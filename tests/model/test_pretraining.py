@@ -6,13 +6,15 @@ import time
 
 import pytest
 import torch
-from fixtures_cohort import make_cohort  # tests/ is on sys.path: pytest inserts conftest.py's folder
+from fixtures_cohort import store_folder  # tests/ is on sys.path: pytest inserts conftest.py's folder
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from brainlm.config import TrainConfig, preset
+from brainlm.config import SynthConfig, TrainConfig, preset
 from brainlm.data.store import open_cohort
+from brainlm.data.synthetic import synthesize
 from brainlm.model import BrainLM, masked_r2
+from brainlm.references import evaluate_with_references, reference_predictors, training_covariance
 from brainlm.train import (
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -131,30 +133,33 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_tiny_model_learns_masked_patches_on_structured_cohort(tmp_path, one_thread):
-    """A fixed budget of 200 steps takes held-out masked MSE well below predicting zero (< 0.6×).
+@pytest.mark.slow
+def test_tiny_model_learns_from_a_zero_start_to_well_below_zero_on_the_synthetic_cohort(tmp_path, one_thread):
+    """A CI budget of steps takes held-out masked MSE from the zero baseline (where the model starts: the
+    prediction head starts near 0) to well below it, on the synthetic generator's cohort.
 
-    The cohort's parcels read a few smooth latent oscillations through spatially smooth loadings, so a
-    masked patch is predictable from the visible patches of other parcels at the same time. (Measured: the
-    loss sits near the zero baseline for ~100 steps, then drops to about 0.25× by step 200.)
+    Validation: fixed crops of held-out subjects with fixed masks; the `spatial` reference (Gaussian conditional
+    from the training subjects' covariance) is scored on the same masks and printed beside the model.
     """
     torch.manual_seed(0)
-    cohort = open_cohort(make_cohort(tmp_path / "cohort", n_participants=16, parcels=32, timepoints=300))
-    model_cfg = preset("tiny", window=60, mask_ratio=0.5)
-    cfg = TrainConfig(batch_size=8, lr=3e-3, warmup_fraction=0.05, crops_per_recording=8, seed=0)
+    src = synthesize(tmp_path / "raw", SynthConfig(subjects=20, timepoints=200, max_parcels=32, seed=0))
+    cohort = open_cohort(store_folder(src, tmp_path / "cohort"))
+    model_cfg = preset("tiny")
+    cfg = TrainConfig(batch_size=8, lr=3e-3, warmup_fraction=0.1, seed=0)
     split = cohort.split(val_fraction=0.2, test_fraction=0.0, seed=0)
-    train = cohort.window_dataset(split["train"], model_cfg.window, cfg.crops_per_recording, seed=0)
+    train = cohort.window_dataset(split["train"], model_cfg.window, 8, seed=0)  # 8 random crops per recording
     val = DataLoader(cohort.window_dataset(split["val"], model_cfg.window, 4, seed=1), batch_size=32)
     coords = torch.as_tensor(cohort.atlas.coords)
+    refs = reference_predictors(training_covariance(cohort, split))
     model = BrainLM(model_cfg)
-    steps = 200
+    steps = 300
     opt = build_optimizer(model, cfg, CPU)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg))
-    before = evaluate(model, val, coords, CPU, model_cfg.mask_ratio, seed=0)
+    before = evaluate_with_references(model, val, coords, CPU, model_cfg.mask_ratio, 0, refs)
 
     start, step, epoch = time.perf_counter(), 0, 0
     while step < steps:
-        train.set_epoch(epoch)
+        train.set_epoch(epoch)  # fresh random crops
         for signals in DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True):
             train_step(model, signals, coords, opt, sched, cfg, CPU)
             step += 1
@@ -164,7 +169,11 @@ def test_tiny_model_learns_masked_patches_on_structured_cohort(tmp_path, one_thr
     seconds = time.perf_counter() - start
     after = evaluate(model, val, coords, CPU, model_cfg.mask_ratio, seed=0)
 
-    print(f"{steps * cfg.batch_size / seconds:.0f} windows/s; val {before} -> {after}")
+    print(f"{steps} steps in {seconds:.1f} s; val masked MSE / zero: start {before['masked_mse'] / before['zero_mse']:.3f}"
+          f" -> {after['masked_mse'] / after['zero_mse']:.3f} (spatial {before['spatial_mse'] / before['zero_mse']:.3f},"
+          f" temporal {before['temporal_mse'] / before['zero_mse']:.3f}); R² {after['masked_r2']:.3f}")
     assert after["zero_mse"] == pytest.approx(before["zero_mse"])  # same windows, same masks
-    assert after["masked_mse"] < 0.6 * after["zero_mse"], after
-    assert after["masked_r2"] > 0.3, after
+    # Where it started: on the zero baseline, not below it (learning, not a lucky initialisation).
+    assert 0.97 * before["zero_mse"] < before["masked_mse"] < 1.1 * before["zero_mse"], before
+    assert after["masked_mse"] < 0.8 * after["zero_mse"], after  # measured: 0.67 (spatial reference 0.66)
+    assert after["masked_r2"] > 0.2, after

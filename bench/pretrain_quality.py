@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
                                 recordings_per_subject=args.recordings, noise=args.noise, seed=args.data_seed)
             cohort = open_cohort(synthetic_cohort(Path(tmp), synth))
         model_cfg = preset(args.preset, mask_ratio=args.mask, **args.set)
-        split = cohort.split(args.val_fraction, 0.0, seed=0)
+        split = cohort.split(args.val_fraction, args.test_fraction, seed=0)  # test recordings: unused
         if not split["val"]:
             raise SystemExit(f"{len(cohort.participants)} participants leave no validation subject: use more")
         train = [torch.from_numpy(np.array(cohort.recording(r))) for r in split["train"]]
@@ -205,7 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timepoints", type=int, default=300)
     p.add_argument("--noise", type=float, default=0.5, help="parcel noise relative to the network signal")
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of participants held out")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of participants for validation")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="share of participants held out, unused")
     p.add_argument("--val-crops", type=int, default=4, help="fixed validation windows per recording")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the results here")

@@ -182,6 +182,18 @@ class MaskedScores:
                                  f"{tuple(signals.shape)}")
             self.sse[name] = self.sse.get(name, 0.0) + float(((pred.double()[m] - target) ** 2).sum())
 
+    def all_reduce(self, device: torch.device | str) -> None:
+        """Sum the accumulated figures over all torch.distributed ranks (every rank scored its own shard with
+        the same predictor names); a no-op without an initialised process group."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        names = sorted(self.sse)
+        sums = torch.tensor([self.total, self.total_sq, self.count, *(self.sse[n] for n in names)],
+                            dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        self.total, self.total_sq, self.count, *sse = sums.tolist()
+        self.sse = dict(zip(names, sse, strict=True))
+
     def results(self) -> dict[str, dict[str, float]]:
         """{name: {"mse": ..., "r2": ...}} for every predictor added."""
         if self.count == 0:
@@ -197,12 +209,14 @@ def evaluate_with_references(model: torch.nn.Module, loader: Iterable[Tensor], c
     """The model and every reference, scored on the model's own masks over a loader of (B, P, T) windows.
 
     Masks are drawn exactly as `brainlm.train.evaluate` draws them (a generator seeded with `seed`, one
-    uniform noise value per token), so the model's figures equal evaluate's. Returns flat metrics:
-    `masked_mse`, `masked_r2` (the model), `zero_mse` (as evaluate), and `<name>_mse`, `<name>_r2` for each
-    reference.
+    uniform noise value per token), so the model's figures equal evaluate's (in full precision). Returns flat
+    metrics: `masked_mse`, `masked_r2` (the model), `zero_mse` (as evaluate), and `<name>_mse`, `<name>_r2` for
+    each reference. The references depend only on the windows and the masks, which a fixed loader and seed
+    keep the same at every evaluation: score them once per run and pass `{}` afterwards. Under
+    torch.distributed every rank calls this on its shard and gets the global figures.
     """
     model.eval()
-    patch_size = model.cfg.patch_size
+    patch_size = model.cfg.patch_size  # the plain BrainLM (not a DDP wrapper): evaluation shards differ in size
     generator = torch.Generator().manual_seed(seed)
     scores = MaskedScores()
     for signals in loader:
@@ -213,6 +227,7 @@ def evaluate_with_references(model: torch.nn.Module, loader: Iterable[Tensor], c
         preds = {"model": out.pred.reshape(B, P, T)}
         preds |= {name: predict(signals, out.mask) for name, predict in references.items()}
         scores.add(signals, out.mask, preds)
+    scores.all_reduce(device)
     results = scores.results()
     metrics = {"masked_mse": results["model"]["mse"], "masked_r2": results["model"]["r2"],
                "zero_mse": scores.total_sq / scores.count}

@@ -179,3 +179,31 @@ def test_references_on_a_structured_cohort_beat_zero(tmp_path):
     r = scores.results()
     assert r["zero"]["r2"] <= 0  # predicting 0 never beats predicting the masked values' mean
     assert r["spatial"]["mse"] < 0.5 * r["zero"]["mse"]  # latent mixtures: other parcels predict a lot
+
+
+def _reduce_worker(rank, world, init_file, batches, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, mask = batches[rank]
+        scores = MaskedScores()
+        scores.add(x, mask, {"zero": predict_zero(x, mask), "temporal": predict_temporal(x, mask)})
+        scores.all_reduce("cpu")
+        out[rank] = scores.results()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_scores_sum_over_distributed_ranks(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 4, 40, generator=gen), (torch.rand(n, 4, 2, generator=gen) < 0.5).float())
+               for n in (3, 2)]  # shards of different sizes, as evaluation shards are
+    out = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.start_processes(_reduce_worker, args=(2, tmp_path / "init", batches, out), nprocs=2,
+                                          start_method="fork")
+    single = MaskedScores()
+    for x, mask in batches:
+        single.add(x, mask, {"zero": predict_zero(x, mask), "temporal": predict_temporal(x, mask)})
+    expected = single.results()
+    for rank in (0, 1):
+        for name in ("zero", "temporal"):
+            assert out[rank][name] == pytest.approx(expected[name], rel=1e-12)

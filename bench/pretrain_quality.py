@@ -157,33 +157,50 @@ def run(args: argparse.Namespace) -> dict:
     print(f"final after {last['step']} steps ({last['cpu_s']:.0f} CPU-s): model/zero {summary['model/zero']:.3f}  "
           f"model/spatial {summary['model/spatial']:.3f}  R² {last['r2']:.3f} — the model {verdict} the spatial "
           f"reference")
-    return {"args": {k: v for k, v in vars(args).items()}, "model_config": dataclasses.asdict(model_cfg),
+    return {"args": {k: v for k, v in vars(args).items() if k not in ("plot_from",)}, "model_config": dataclasses.asdict(model_cfg),
             "cohort": shape, "synth": dataclasses.asdict(synth) if synth else None, "references": lines,
             "reference_r2": {name: first[f"{name}_r2"] for name in REFERENCES}, "curve": curve, "final": summary}
 
 
+def label(result: dict) -> str:
+    """`<preset>` for the default model, `<preset> paper` for the paper's embedding and attention, + overrides."""
+    args, cfg = result["args"], result["model_config"]
+    paper = cfg["spatial_embedding"] == "mlp" and not cfg["time_bias"]
+    rest = {k: v for k, v in args["set"].items() if k not in ("spatial_embedding", "time_bias", "decoder_heads")}
+    return f"{args['preset']}{' paper' if paper else ''}" + "".join(f" {k}={v}" for k, v in rest.items())
+
+
 def plot(results: list[dict], path: str) -> None:
-    """Curves of model / zero against steps, with the references as horizontal lines (one panel per run)."""
+    """One panel per cohort (and mask): model / zero against steps for each run, references as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.2), squeeze=False)
-    for ax, res in zip(axes[0], results, strict=True):
-        zero = res["references"]["zero"]
-        steps = [row["step"] for row in res["curve"]]
-        ax.plot(steps, [row["model"] / zero for row in res["curve"]], "k.-", label="model")
+    panels: dict[str, list[dict]] = {}
+    for res in results:
+        key = json.dumps([res["synth"] or res["args"]["cohort"], res["model_config"]["mask_ratio"]], sort_keys=True)
+        panels.setdefault(key, []).append(res)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, runs in zip(axes[0], panels.values(), strict=True):
+        refs = runs[0]["references"]
+        zero = refs["zero"]
+        for res in runs:
+            ax.plot([r["step"] for r in res["curve"]], [r["model"] / zero for r in res["curve"]], ".-", ms=3,
+                    label=label(res))
         for name, style in (("zero", ":"), ("spatial", "--"), ("temporal", "-.")):
-            ax.axhline(res["references"][name] / zero, ls=style, color="grey" if name != "spatial" else "C3",
-                       label=name)
-        ax.set_title(res.get("label", res["args"]["preset"]), fontsize=9)
-        ax.set_xlabel("optimiser steps")
-        ax.set_ylim(0, 1.3)
-    axes[0][0].set_ylabel("val masked MSE / zero")
-    axes[0][0].legend(fontsize=7)
+            ax.axhline(refs[name] / zero, ls=style, color="C3" if name == "spatial" else "grey", lw=1, label=name)
+        shape, synth = runs[0]["cohort"], runs[0]["synth"]
+        noise = f", noise {synth['noise']}" if synth else ""
+        ax.set_title(f"{shape['participants']} subj × {shape['timepoints'][0]} TRs, {shape['parcels']} parcels{noise},"
+                     f" mask {runs[0]['model_config']['mask_ratio']}", fontsize=8)
+        ax.set_xlabel("optimiser steps", fontsize=8)
+        ax.set_ylim(0.3, 1.15)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("validation masked MSE / zero", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -211,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--plot", default=None, help="also draw the curve into this PNG (needs matplotlib)")
+    p.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
+                   help="only draw --plot from earlier --json outputs (no training)")
     args = p.parse_args(argv)
     if args.seconds <= 0 or args.steps < 1 or args.eval_every < 1 or not 0 <= args.warmup < args.steps:
         p.error("--seconds must be > 0, --steps and --eval-every >= 1, and 0 <= --warmup < --steps")
@@ -218,8 +237,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
+    if args.plot_from:
+        if not args.plot:
+            raise SystemExit("--plot-from needs --plot PNG")
+        plot([json.loads(Path(p).read_text()) for p in args.plot_from], args.plot)
+        return None
     torch.set_num_threads(args.threads)
     result = run(args)
     if args.json:

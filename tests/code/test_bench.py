@@ -87,3 +87,21 @@ def test_model_overrides_are_typed_and_guarded():
     assert bench.parse_overrides(["decoder_heads=8", "mlp_ratio=2"]) == {"decoder_heads": 8, "mlp_ratio": 2.0}
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         bench.parse_overrides(["mask_ratio=0.5"])
+
+
+@pytest.mark.slow
+def test_pretrain_quality_prints_the_curve_beside_the_references_and_the_final_ratios(tmp_path):
+    out = run("pretrain_quality.py", "--seconds", "1", "--steps", "40", "--warmup", "5", "--eval-every", "10", "--batch", "4",
+              "--subjects", "5", "--parcels", "18", "--set", "window=100", "--json", str(tmp_path / "q.json"))
+    assert "references (masked MSE): zero" in out and "spatial" in out and "temporal" in out
+    assert "model/zero" in out and "model/spatial" in out and "the spatial reference" in out
+    saved = json.loads((tmp_path / "q.json").read_text())
+    assert saved["cohort"]["parcels"] == 18 and saved["cohort"]["participants"] == 5
+    curve = saved["curve"]
+    assert curve[0]["step"] == 0 and curve[-1]["step"] >= 1 and all(r["model"] > 0 for r in curve)
+    refs = saved["references"]
+    assert refs["spatial"] < refs["zero"]  # other parcels at the same timepoints predict the synthetic signal
+    last = curve[-1]
+    assert saved["final"]["model/spatial"] == pytest.approx(last["model"] / refs["spatial"])
+    run("pretrain_quality.py", "--plot-from", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png"))
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"

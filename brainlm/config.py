@@ -209,8 +209,18 @@ class ModelConfig(Config):
                                                           "0.5, 0.75)")
     dropout: float = param(0.0, within="[0, 1)", help="dropout in attention and MLPs")
     coord_scale: float = param(100.0, within="(0, inf)",
-                               help="MNI mm are divided by this before the spatial embedding (inputs ~[-1, 1])")
+                               help="\"mlp\" spatial embedding: MNI mm are divided by this (inputs ~[-1, 1])")
     activation_checkpointing: bool = param(False, help="recompute blocks in backward: memory for compute (650M)")
+    # How position reaches attention (bench/README.md "Pretraining quality" has the curves behind the defaults).
+    # Defaults: parcels told apart by Fourier features of XYZ, and same-patch tokens easy to attend to from the
+    # first step; "mlp" + False is the paper's embedding and attention, which sit on the zero baseline for
+    # hundreds of steps and level off far above the spatial reference.
+    spatial_embedding: str = param("fourier", choices=("fourier", "mlp"),
+                                   help="fourier: random Fourier features of XYZ; mlp: the paper's MLP on XYZ")
+    fourier_mm: float = param(20.0, within="(0, inf)",
+                              help="fourier: shortest wavelength in mm (the longest is 200 mm, about a brain)")
+    time_bias: bool = param(True, help="learned relative-time attention bias, starting out favouring same-patch "
+                                       "tokens")
 
     def validate(self) -> None:
         if self.window % self.patch_size:
@@ -225,10 +235,11 @@ class ModelConfig(Config):
         return self.window // self.patch_size
 
 
-# Presets keep the paper's choices; `tiny` is for CPU tests. Each named size is within 10 % of its name
+# Presets keep the paper's choices; `tiny` is for CPU tests (its decoder has 2 heads of 16 channels: faster to
+# learn and to step on a CPU than 4 of 8). Each named size is within 10 % of its name
 # (tests/model/test_model_behaviour.py counts the parameters on the meta device).
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(hidden=64, layers=2, heads=4, decoder_hidden=32, decoder_layers=1, decoder_heads=4),
+    "tiny": ModelConfig(hidden=64, layers=2, heads=4, decoder_hidden=32, decoder_layers=1, decoder_heads=2),
     "13M": ModelConfig(hidden=512, layers=4, heads=8, decoder_hidden=256, decoder_layers=1, decoder_heads=8),
     "111M": ModelConfig(hidden=768, layers=12, heads=12, decoder_hidden=512, decoder_layers=8, decoder_heads=16),
     "650M": ModelConfig(hidden=1280, layers=32, heads=16, decoder_hidden=512, decoder_layers=8, decoder_heads=16),

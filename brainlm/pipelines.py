@@ -36,6 +36,7 @@ from brainlm.config import (
 from brainlm.data.store import Cohort, CohortError, open_cohort
 from brainlm.errors import BrainLMError
 from brainlm.launcher import FitResult, fit
+from brainlm.references import verdict
 
 
 class PrivacyError(BrainLMError):
@@ -67,10 +68,13 @@ class PretrainResult:
 
     def summary(self) -> str:
         m = self.metrics
+        references = ", ".join(f"{k[4:-4]} {v:.4f}" for k, v in m.items()
+                               if k.startswith("val_") and k.endswith("_mse") and k != "val_masked_mse")
         return "\n".join([
             f"registered {self.model_name} version {self.version} @{self.alias} (MLflow run {self.run_id})",
-            f"  val masked MSE {m['val_masked_mse']:.4f}  R² {m['val_masked_r2']:.3f}  "
-            f"(predicting zero: {m['val_zero_mse']:.4f})",
+            f"  val masked MSE {m['val_masked_mse']:.4f}  R² {m['val_masked_r2']:.3f}  (references on the same "
+            f"masks: {references})",
+            f"  the model   {verdict(m)}",
             f"  trained     {int(m['steps'])} optimiser steps, {int(m['windows'])} windows",
             f"  cohort      {self.cohort_path}  (data version {self.data_version or registry.UNVERSIONED})",
             f"  checkpoint  {self.checkpoint_dir}",

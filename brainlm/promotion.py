@@ -5,7 +5,8 @@
         hold out   the cohort's `cfg.split` participants (seeded and subject-level, as in pretraining); a model
                    pretrained on this cohort with another split is refused, since it may have trained on them
         score      both models on the same windows with the same masks (`engine.evaluate`): masked MSE, and
-                   every reference predictor's (`engine.REFERENCES`) on exactly those masked patches
+                   every reference predictor's (`references.reference_predictors`: zero, spatial from the
+                   training participants' covariance, temporal) on exactly those masked patches
         decide     promote only if the challenger's masked MSE is at least `cfg.margin` (relative) below every
                    reference's and the champion's; with no champion yet, below the references'
         record     decision, reason, every score, margin, cohort, data version and the code's git commit as tags
@@ -31,6 +32,7 @@ from brainlm import engine, registry
 from brainlm.config import ModelConfig, PromotionConfig, Settings, load_settings, to_dict
 from brainlm.data.store import Cohort, open_cohort
 from brainlm.errors import BrainLMError
+from brainlm.references import Predictor, reference_predictors, training_covariance
 
 TAG_PREFIX = "gate."
 PROMOTED, REJECTED = "promoted", "not promoted"
@@ -124,6 +126,8 @@ def gate(cohort: str | Path | Cohort, challenger: str | int | None = None, cfg: 
                             f"TRs/patch): they cannot be scored on the same masked patches")
         check_cohort(opened, other)
     held_out = held_out_recordings(opened, cfg)
+    split = opened.split(cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    predictors = reference_predictors(training_covariance(opened, split))  # never sees the held-out participants
     for version in versions.values():
         check_never_trained_on(opened, held_out, name, version, cfg, settings)
 
@@ -131,9 +135,11 @@ def gate(cohort: str | Path | Cohort, challenger: str | int | None = None, cfg: 
     people = set(opened.manifest.set_index("recording").loc[held_out, "participant"])
     decision.participants = len(people)
     decision.windows = len(held_out) * cfg.eval_crops
-    results = {role: score(*networks[role], opened, held_out, cfg, decision.mask_ratio) for role in versions}
+    # The references are scored on the same masked patches in every call: the challenger's call scores them.
+    results = {role: score(*networks[role], opened, held_out, cfg, decision.mask_ratio,
+                           predictors if role == "challenger" else {}) for role in versions}
     decision.scores = {role: result["masked_mse"] for role, result in results.items()}
-    references = list(engine.REFERENCES)  # scored on the same masked patches in every call: take the challenger's
+    references = list(predictors)
     decision.scores |= {r: results["challenger"][f"{r}_mse"] for r in references}
     decision.promoted, decision.reason = decide(decision.scores, references, champion, cfg.margin)
 
@@ -183,20 +189,20 @@ def check_never_trained_on(cohort: Cohort, held_out: list[str], name: str, versi
 
 @torch.no_grad()
 def score(network: torch.nn.Module, model_cfg: ModelConfig, cohort: Cohort, recordings: list[str],
-          cfg: PromotionConfig, mask_ratio: float) -> dict[str, float]:
+          cfg: PromotionConfig, mask_ratio: float, references: dict[str, Predictor]) -> dict[str, float]:
     """Masked MSE / R² of `network` and of each reference on fixed windows of `recordings` with fixed masks:
     `cfg.eval_crops` windows per recording and each window's mask noise are functions of `cfg.seed` alone."""
     windows = cohort.window_dataset(recordings, model_cfg.window, cfg.eval_crops, cfg.seed)
     loader = DataLoader(engine.MaskedWindows(windows, model_cfg.patch_size, cfg.seed), batch_size=cfg.batch_size)
     device = torch.device(cfg.device)
     coords = torch.as_tensor(cohort.atlas.coords, dtype=torch.float32, device=device)
-    return engine.evaluate(network.to(device), loader, coords, device, mask_ratio)
+    return engine.evaluate(network.to(device), loader, coords, device, mask_ratio, references)
 
 
 def decide(scores: dict[str, float], references: list[str], champion: str | None,
            margin: float) -> tuple[bool, str]:
     """(promoted, reason): the challenger must be `margin` below every reference's and the champion's MSE."""
-    rivals = {f"predicting {r}": scores[r] for r in references}
+    rivals = {"predicting zero" if r == "zero" else f"the {r} reference": scores[r] for r in references}
     if champion is not None:
         rivals[f"champion version {champion}"] = scores["champion"]
     mine = scores["challenger"]

@@ -256,6 +256,9 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 # ------------------------------------------------------------------------------------------ training
 
 
+DEFAULT_LR, DEFAULT_LR_WIDTH = 3e-3, 64  # TrainConfig.with_lr_for: the peak rate at this encoder width
+
+
 @dataclass(frozen=True)
 class TrainConfig(Config):
     """Pretraining: how long (optimiser steps), the optimiser and schedule, data sampling, Ray Train scaling.
@@ -269,7 +272,9 @@ class TrainConfig(Config):
     eval_every: int = param(100, within="[1, inf)",
                             help="evaluate, checkpoint and log every this many steps (and after the last)")
     batch_size: int = param(16, within="[1, inf)", help="windows per step per worker")
-    lr: float = param(3e-4, within="(0, inf)", help="peak learning rate, reached at the end of warmup")
+    lr: float | None = param(None, within="(0, inf)",
+                             help="peak learning rate, reached at the end of warmup; unset: 3e-3 × √(64 / hidden) "
+                                  "(tiny 3e-3, 13M 1.1e-3, 111M 8.7e-4, 650M 6.7e-4)")
     min_lr_ratio: float = param(0.1, within="[0, 1]", help="the cosine decays to lr × this by the last step")
     warmup_steps: int = param(50, within="[0, inf)", help="steps of linear warmup from lr/warmup_steps to lr")
     weight_decay: float = param(0.05, within="[0, inf)", help="AdamW weight decay (weight matrices only)")
@@ -287,6 +292,17 @@ class TrainConfig(Config):
     seed: int = param(0, within="[0, inf)", help="seeds the split, the crops, the masks and the initial weights")
     max_failures: int = param(1, within="[0, inf)",
                               help="Ray Train restarts the workers from the latest checkpoint this many times")
+
+    def with_lr_for(self, model: ModelConfig) -> TrainConfig:
+        """This config with `lr` set: its own, or the default for the model's width.
+
+        The default, 3e-3 × √(64 / hidden), is the peak rate that learned fastest on the synthetic cohort for
+        the tiny preset (64 wide: 3e-3) and 13M (512 wide: 1e-3); wider models take smaller steps
+        (bench/README.md, "Pretraining quality").
+        """
+        if self.lr is not None:
+            return self
+        return dataclasses.replace(self, lr=DEFAULT_LR * math.sqrt(DEFAULT_LR_WIDTH / model.hidden))
 
     def validate(self) -> None:
         if self.val_fraction + self.test_fraction >= 1:

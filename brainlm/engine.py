@@ -45,8 +45,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | s
     Decaying a LayerNorm gain or a learned token pulls it towards zero, which is not regularisation (MAE and
     nanoGPT make the same split). Parameters that do not require gradients are left out. `lr_scale(name)`
     multiplies `cfg.lr` for a parameter (fine-tuning: a pretrained encoder learns more slowly than a new
-    head); without it every parameter gets `cfg.lr`. Fused kernels on CUDA.
+    head); without it every parameter gets `cfg.lr` (unset: `TrainConfig.with_lr_for` the model). Fused kernels on
+    CUDA.
     """
+    if cfg.lr is None:  # the width-scaled default needs the BrainLM's config
+        cfg = cfg.with_lr_for(unwrap(model).cfg)
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

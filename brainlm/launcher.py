@@ -171,7 +171,8 @@ def fit(cohort, model_cfg: ModelConfig, train_cfg: TrainConfig, *, settings: Set
 
     Metrics per evaluation: step, windows (training windows seen so far, all workers), lr, train_loss (mean
     training objective over the period), train_ / val_ masked_mse, masked_r2, zero_mse, zero_r2 (fixed
-    windows and masks; train_ is a fixed sample of training recordings the size of the validation set),
+    windows and masks; train_ is a fixed sample of training recordings the size of the validation set) and the
+    same for each reference (`<ref>_mse`, `<ref>_r2` for zero, spatial and temporal, scored once per run),
     windows_per_s (training windows per second over all workers, evaluation excluded), period_seconds,
     resumed_from (the step this worker group started from, 0 = fresh).
     """
@@ -182,6 +183,7 @@ def fit(cohort, model_cfg: ModelConfig, train_cfg: TrainConfig, *, settings: Set
     from brainlm.data.store import Cohort, open_cohort
 
     cohort = cohort if isinstance(cohort, Cohort) else open_cohort(cohort, settings)
+    train_cfg = train_cfg.with_lr_for(model_cfg)  # the number every worker, param and checkpoint records
     storage_path = Path(storage_path or settings.ray_results_dir).resolve()
     if not resume and (storage_path / run_name).exists():
         raise FileExistsError(f"run {run_name!r} already exists under {storage_path}: pass resume=True to "

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainlm import checkpoint
+from brainlm import checkpoint, references
 from brainlm.config import ModelConfig, Settings, TrainConfig, from_dict, to_dict
 from brainlm.engine import (
     build_optimizer,
@@ -106,9 +106,9 @@ def _train_worker(config: dict[str, Any]) -> None:
         step, windows = end, windows + period_windows
         # The plain module: evaluation shards differ in size across ranks, and DDP's forward is for training.
         # The references see the same windows and masks at every evaluation: scored once, at the first.
-        references = {} if scored else loaders.references
-        val = evaluate(unwrap(model), loaders.val, coords, device, model_cfg.mask_ratio, references)
-        probe = evaluate(unwrap(model), loaders.probe, coords, device, model_cfg.mask_ratio, references)
+        predictors = {} if scored else loaders.references
+        val = evaluate(unwrap(model), loaders.val, coords, device, model_cfg.mask_ratio, predictors)
+        probe = evaluate(unwrap(model), loaders.probe, coords, device, model_cfg.mask_ratio, predictors)
         scored = scored or {name: {k: v for k, v in m.items() if not k.startswith("masked_")}
                             for name, m in (("val", val), ("probe", probe))}
         val, probe = val | scored["val"], probe | scored["probe"]
@@ -283,7 +283,8 @@ def _run_params(cohort, model_cfg: ModelConfig, train_cfg: TrainConfig, run_name
 def progress_line(metrics: dict[str, float], steps: int) -> str:
     return (f"step {metrics['step']}/{steps} ({metrics['windows']} windows)  train masked MSE "
             f"{metrics['train_masked_mse']:.4f} R² {metrics['train_masked_r2']:.3f}  |  val masked MSE "
-            f"{metrics['val_masked_mse']:.4f} R² {metrics['val_masked_r2']:.3f} (zero {metrics['val_zero_mse']:.4f})"
+            f"{metrics['val_masked_mse']:.4f} R² {metrics['val_masked_r2']:.3f} (references "
+            f"{references.scores_text(metrics)})"
             f"  |  {metrics['windows_per_s']:.1f} windows/s")
 
 

@@ -36,7 +36,7 @@ from brainlm.config import (
 from brainlm.data.store import Cohort, CohortError, open_cohort
 from brainlm.errors import BrainLMError
 from brainlm.launcher import FitResult, fit
-from brainlm.references import verdict
+from brainlm.references import scores_text, verdict
 
 
 class PrivacyError(BrainLMError):
@@ -68,12 +68,10 @@ class PretrainResult:
 
     def summary(self) -> str:
         m = self.metrics
-        references = ", ".join(f"{k[4:-4]} {v:.4f}" for k, v in m.items()
-                               if k.startswith("val_") and k.endswith("_mse") and k != "val_masked_mse")
         return "\n".join([
             f"registered {self.model_name} version {self.version} @{self.alias} (MLflow run {self.run_id})",
             f"  val masked MSE {m['val_masked_mse']:.4f}  R² {m['val_masked_r2']:.3f}  (references on the same "
-            f"masks: {references})",
+            f"masks: {scores_text(m)})",
             f"  the model   {verdict(m)}",
             f"  trained     {int(m['steps'])} optimiser steps, {int(m['windows'])} windows",
             f"  cohort      {self.cohort_path}  (data version {self.data_version or registry.UNVERSIONED})",
@@ -269,7 +267,7 @@ def _run_name(cohort: Cohort, preset_name: str) -> str:
 
 # Sized so `make demo` (synth → ingest → pretrain tiny → register) finishes in a few minutes on 2 CPU cores.
 DEMO_SYNTH = SynthConfig(subjects=24, timepoints=300, max_parcels=64, recordings_per_subject=2, seed=0)
-DEMO_TRAIN = TrainConfig(steps=200, eval_every=50, warmup_steps=20, batch_size=16, num_workers=1)
+DEMO_TRAIN = TrainConfig(steps=600, eval_every=100, warmup_steps=30, batch_size=16, num_workers=1)
 
 
 def demo_input_dir(cohort: str, settings: Settings | None = None) -> Path:

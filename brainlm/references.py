@@ -154,14 +154,23 @@ def reference_predictors(covariance: Tensor, ridge: float = DEFAULT_RIDGE) -> di
     return {"zero": predict_zero, "spatial": SpatialReference(covariance, ridge), "temporal": predict_temporal}
 
 
+def scores(metrics: Mapping[str, float], prefix: str = "val_") -> dict[str, float]:
+    """{reference: masked MSE} from an evaluation's metrics (`<prefix><name>_mse`, the model's own excluded)."""
+    return {k[len(prefix):-len("_mse")]: v for k, v in metrics.items()
+            if k.startswith(prefix) and k.endswith("_mse") and k != f"{prefix}masked_mse"}
+
+
+def scores_text(metrics: Mapping[str, float], prefix: str = "val_") -> str:
+    """"zero 0.5428, spatial 0.2610, temporal 0.9120": the references' masked MSE, for a progress line."""
+    return ", ".join(f"{name} {value:.4f}" for name, value in scores(metrics, prefix).items())
+
+
 def verdict(metrics: Mapping[str, float], prefix: str = "val_") -> str:
     """In words: does the model's masked MSE beat the best reference scored beside it?
 
     `metrics` holds `<prefix>masked_mse` and `<prefix><name>_mse` per reference (an evaluation's metrics).
     """
-    model = metrics[f"{prefix}masked_mse"]
-    refs = {k[len(prefix):-len("_mse")]: v for k, v in metrics.items()
-            if k.startswith(prefix) and k.endswith("_mse") and k != f"{prefix}masked_mse"}
+    model, refs = metrics[f"{prefix}masked_mse"], scores(metrics, prefix)
     if not refs:
         return "no reference was scored"
     best = min(refs, key=refs.get)

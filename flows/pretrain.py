@@ -81,4 +81,6 @@ def pretrain(
     opened = load_cohort(cohort)
     check_shape(opened, model_cfg, train_cfg)
     trained = train(opened, model_cfg, train_cfg, preset)
-    return register(trained, opened, model_cfg, preset)
+    result = register(trained, opened, model_cfg, preset)
+    print(result.summary())  # the model beside the references, in words
+    return result

@@ -109,6 +109,63 @@ def cmd_promote(args: argparse.Namespace) -> None:
     print(f"{args.name} version {args.version} is now @{args.alias}")
 
 
+def _layer(text: str) -> int | None:
+    """--layer: a block index (negative counts from the end) or "mean" for the average over blocks."""
+    return None if text == "mean" else int(text)
+
+
+def cmd_networks(args: argparse.Namespace) -> None:
+    from brainlm.config import NetworksConfig
+    from brainlm.tasks.runs import run_networks
+
+    cfg = NetworksConfig(
+        labels=args.labels, source=args.source, layer=args.layer, neighbours=args.neighbours, folds=args.folds,
+        max_recordings=args.max_recordings, max_windows=args.max_windows, seed=args.seed,
+    )
+    print(run_networks(args.cohort, cfg, model_uri=args.model, report_dir=args.report).summary())
+
+
+def cmd_attention(args: argparse.Namespace) -> None:
+    from brainlm.config import AttentionConfig
+    from brainlm.tasks.runs import run_attention
+
+    cfg = AttentionConfig(layer=args.layer, max_windows=args.max_windows, permutations=args.permutations,
+                          alpha=args.alpha, networks=args.networks, seed=args.seed)
+    groups = tuple(args.groups) if args.groups else None
+    report = run_attention(args.cohort, args.by, groups, args.threshold, cfg, model_uri=args.model,
+                           report_dir=args.report)
+    print(report.summary())
+
+
+def cmd_perturb(args: argparse.Namespace) -> None:
+    from brainlm.config import PerturbConfig
+    from brainlm.errors import ConfigError
+    from brainlm.tasks.runs import register_perturbation_model, run_drive, run_perturb
+
+    cfg = PerturbConfig(
+        mode=args.mode, representation=args.representation, sparsity=args.sparsity, steps=args.steps, lr=args.lr,
+        horizon=args.horizon, max_recordings=args.max_recordings, max_windows=args.max_windows,
+        networks=args.networks, seed=args.seed,
+    )
+    if args.drive:
+        parcels = [p.strip() for p in args.drive.split(",") if p.strip()]
+        report = run_drive(args.cohort, parcels, args.signal, args.amplitude, args.period, cfg,
+                           model_uri=args.model, report_dir=args.report)
+        print(report.summary())
+    elif args.by:
+        if args.threshold is None and not (args.source and args.target):
+            raise ConfigError("--by needs --source A --target B (two values of the column) or --threshold X")
+        groups = (args.source, args.target) if args.threshold is None else None
+        report = run_perturb(args.cohort, args.by, groups, args.threshold, cfg, model_uri=args.model,
+                             report_dir=args.report)
+        print(report.summary())
+    elif not args.register:
+        raise ConfigError("brainlm perturb needs --by COLUMN --source A --target B, --drive PARCELS, or --register")
+    if args.register:
+        version = register_perturbation_model(args.cohort, args.model)
+        print(f"registered {version.name} version {version.version} @challenger (serving: brainlm/serving_perturbation.py)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brainlm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,6 +224,62 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("version")
     s.add_argument("--alias", default="champion")
     s.set_defaults(fn=cmd_promote)
+
+    model_help = "registered model, e.g. models:/brainlm-pretrained@champion (the default)"
+    s = sub.add_parser("networks", help="classify parcels into atlas networks from the model's attention (kNN)")
+    s.add_argument("--model", default=None, help=model_help)
+    s.add_argument("--cohort", required=True)
+    s.add_argument("--labels", default=None, help="atlas network column (default: yeo7, else the first)")
+    s.add_argument("--source", choices=("decoder", "encoder"), default="decoder",
+                   help="decoder: masked tokens' attention to visible ones; encoder: nothing masked")
+    s.add_argument("--layer", type=_layer, default=None, help='block index, or "mean" (default) over blocks')
+    s.add_argument("--neighbours", type=int, default=5)
+    s.add_argument("--folds", type=int, default=5)
+    s.add_argument("--max-recordings", type=int, default=None, help="a seeded sample of recordings")
+    s.add_argument("--max-windows", type=int, default=None, help="windows per recording, from its start")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--report", default=None, help="report folder (default: reports/<run name>)")
+    s.set_defaults(fn=cmd_networks)
+
+    s = sub.add_parser("attention", help="CLS-attention maps of two groups and their permutation-tested contrast")
+    s.add_argument("--model", default=None, help=model_help)
+    s.add_argument("--cohort", required=True)
+    s.add_argument("--by", required=True, help="manifest column (condition) or phenotype column (e.g. phq9)")
+    s.add_argument("--groups", nargs=2, metavar=("A", "B"), default=None, help="two values; the contrast is A − B")
+    s.add_argument("--threshold", type=float, default=None, help="numeric split: column>=X against column<X")
+    s.add_argument("--layer", type=_layer, default=-1, help='block index (default -1: the last) or "mean"')
+    s.add_argument("--permutations", type=int, default=5000)
+    s.add_argument("--alpha", type=float, default=0.05)
+    s.add_argument("--networks", default=None, help='atlas column for network tests (default: yeo7; "" for none)')
+    s.add_argument("--max-windows", type=int, default=None, help="windows per recording, from its start")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--report", default=None, help="report folder (default: reports/<run name>)")
+    s.set_defaults(fn=cmd_attention)
+
+    s = sub.add_parser("perturb", help="in-silico perturbation with the model frozen; serve it as a model")
+    s.add_argument("--model", default=None, help=model_help)
+    s.add_argument("--cohort", required=True)
+    s.add_argument("--by", default=None, help="column whose two groups are the source and the target")
+    s.add_argument("--source", default=None, help="value of --by whose recordings are perturbed")
+    s.add_argument("--target", default=None, help="value of --by whose representation is matched")
+    s.add_argument("--threshold", type=float, default=None, help="numeric split: column<X → column>=X")
+    s.add_argument("--mode", choices=("parcel_time", "parcel"), default="parcel_time")
+    s.add_argument("--representation", choices=("cls", "forecast"), default="cls")
+    s.add_argument("--sparsity", type=float, default=0.02)
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--horizon", type=int, default=1, help="patches forecast at the end of each window")
+    s.add_argument("--drive", default=None, help="comma-separated parcel names or network names to drive")
+    s.add_argument("--signal", choices=("sine", "block", "constant"), default="sine")
+    s.add_argument("--amplitude", type=float, default=1.0)
+    s.add_argument("--period", type=float, default=40.0, help="TRs per cycle of the driving signal")
+    s.add_argument("--max-recordings", type=int, default=None, help="per group (drive: in all)")
+    s.add_argument("--max-windows", type=int, default=1, help="windows per recording, from its start")
+    s.add_argument("--networks", default=None, help='atlas column to rank networks (default: yeo7; "" for none)')
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--register", action="store_true", help="register the model as brainlm-perturbation (served)")
+    s.add_argument("--report", default=None, help="report folder (default: reports/<run name>)")
+    s.set_defaults(fn=cmd_perturb)
     return p
 
 

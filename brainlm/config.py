@@ -237,3 +237,50 @@ def load_settings(home: str | os.PathLike | None = None) -> Settings:
 _DATACLASSES: dict[str, type] = {
     c.__name__: c for c in (ModelConfig, TrainConfig, SynthConfig, IngestConfig, MlflowSettings)
 }
+
+
+# ------------------------------------------------------------------------------------- interpretation
+
+
+@dataclass(frozen=True)
+class NetworksConfig:
+    """Functional networks from attention: kNN of parcels into an atlas partition (brainlm/tasks/networks.py)."""
+
+    labels: str | None = None  # the atlas network column to predict; None: "yeo7" if there, else the first
+    source: str = "decoder"  # "decoder": masked tokens' attention to the visible ones; "encoder": nothing masked
+    layer: int | None = None  # block index (negative counts from the end); None averages every block
+    same_time: bool = True  # only attention between tokens of the same patch (time) index
+    neighbours: int = 5  # k of the kNN classifier
+    folds: int = 5  # stratified cross-validation folds over parcels (fewer if a network is smaller)
+    max_recordings: int | None = None  # a seeded sample of the cohort's recordings; None: all of them
+    max_windows: int | None = None  # non-overlapping windows per recording, from its start; None: all
+    mask_draws: int = 4  # "decoder" source: random masks per window (at the model's own mask ratio)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """CLS-attention maps and their group contrasts (brainlm/tasks/attention.py)."""
+
+    layer: int | None = -1  # block whose CLS attention is read; None averages every block
+    max_windows: int | None = None  # non-overlapping windows per recording, from its start; None: all
+    permutations: int = 5000
+    alpha: float = 0.05  # significance level for the corrected p-values
+    networks: str | None = None  # atlas column grouping parcels for network tests; None: "yeo7"/first; "": none
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PerturbConfig:
+    """Zero-shot in-silico perturbation with the model frozen (brainlm/tasks/perturb.py)."""
+
+    mode: str = "parcel_time"  # "parcel_time": a series per parcel; "parcel": one offset per parcel
+    representation: str = "cls"  # what is matched: "cls" embedding, or the "forecast" of the last patches
+    sparsity: float = 0.02  # weight of the group-lasso penalty (per parcel) against the matching loss
+    steps: int = 300
+    lr: float = 0.05
+    horizon: int = 1  # patches forecast at the end of each window ("forecast" and drive mode)
+    max_recordings: int | None = None  # per group; None: all of them
+    max_windows: int | None = 1  # windows per recording, from its start (aligned across recordings)
+    networks: str | None = None  # atlas column grouping parcels to rank networks; None: "yeo7"/first; "": none
+    seed: int = 0

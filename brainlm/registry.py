@@ -145,6 +145,12 @@ def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int, settings: Se
     _client(settings).log_batch(run_id, metrics=entries)
 
 
+def log_artifacts(run_id: str, local_dir: Path, artifact_path: str | None = None,
+                  settings: Settings | None = None) -> None:
+    """Upload every file under `local_dir` (e.g. a report folder of tables and figures) to the run."""
+    _client(settings).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
 def end_run(run_id: str, status: str = "FINISHED", settings: Settings | None = None) -> None:
     """Close a run as FINISHED, FAILED or KILLED."""
     RunStatus.from_string(status)  # refuses a misspelt status before it reaches the store
@@ -165,6 +171,7 @@ def log_model(
     metrics: Mapping[str, float],
     tags: Mapping[str, str],
     code: Path = SERVING_CODE,
+    params: Mapping[str, Any] | None = None,
     settings: Settings | None = None,
 ) -> ModelVersion:
     """Log safetensors weights + a JSON config as a models-from-code pyfunc, register it, alias it.
@@ -172,7 +179,7 @@ def log_model(
     The new version gets `tags`, `metrics` as `metric.<name>` tags (what `list_models` shows, so a task model
     and its baselines compare side by side) and the alias `settings.mlflow.new_alias` ("challenger").
     `code` is the file MLflow executes to rebuild the model from `context.artifacts["weights"]` and
-    `["config"]`.
+    `["config"]`; `params` (name → default value) become the signature's inference parameters.
     The run is left FINISHED: registration is the last thing a training run does.
     """
     settings = configure(settings)
@@ -184,7 +191,7 @@ def log_model(
                 name=MODEL_NAME_IN_RUN,
                 python_model=str(code),
                 artifacts={"weights": str(weights), "config": str(config_path)},
-                signature=infer_signature(input_example, output_example),
+                signature=infer_signature(input_example, output_example, params=dict(params) if params else None),
                 input_example=input_example,
                 pip_requirements=PIP_REQUIREMENTS,
                 registered_model_name=registered_model_name,

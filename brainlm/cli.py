@@ -129,8 +129,8 @@ def cmd_attention(args: argparse.Namespace) -> None:
     from brainlm.config import AttentionConfig
     from brainlm.tasks.runs import run_attention
 
-    cfg = AttentionConfig(layer=args.layer, max_windows=args.max_windows, permutations=args.permutations,
-                          alpha=args.alpha, networks=args.networks, seed=args.seed)
+    cfg = AttentionConfig(layer=args.layer, resolution=args.resolution, max_windows=args.max_windows,
+                          permutations=args.permutations, alpha=args.alpha, networks=args.networks, seed=args.seed)
     groups = tuple(args.groups) if args.groups else None
     report = run_attention(args.cohort, args.by, groups, args.threshold, cfg, model_uri=args.model,
                            report_dir=args.report)
@@ -167,6 +167,9 @@ def cmd_perturb(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The interpretation commands' defaults come from their configs (brainlm.config imports nothing heavy).
+    from brainlm.config import AttentionConfig, NetworksConfig, PerturbConfig
+
     p = argparse.ArgumentParser(prog="brainlm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -230,14 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help=model_help)
     s.add_argument("--cohort", required=True)
     s.add_argument("--labels", default=None, help="atlas network column (default: yeo7, else the first)")
-    s.add_argument("--source", choices=("decoder", "encoder"), default="decoder",
+    s.add_argument("--source", choices=("decoder", "encoder"), default=NetworksConfig.source,
                    help="decoder: masked tokens' attention to visible ones; encoder: nothing masked")
-    s.add_argument("--layer", type=_layer, default=None, help='block index, or "mean" (default) over blocks')
-    s.add_argument("--neighbours", type=int, default=5)
-    s.add_argument("--folds", type=int, default=5)
-    s.add_argument("--max-recordings", type=int, default=None, help="a seeded sample of recordings")
-    s.add_argument("--max-windows", type=int, default=None, help="windows per recording, from its start")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layer", type=_layer, default=NetworksConfig.layer, help='block index, or "mean" (default) over blocks')
+    s.add_argument("--neighbours", type=int, default=NetworksConfig.neighbours)
+    s.add_argument("--folds", type=int, default=NetworksConfig.folds)
+    s.add_argument("--max-recordings", type=int, default=NetworksConfig.max_recordings, help="a seeded sample of recordings")
+    s.add_argument("--max-windows", type=int, default=NetworksConfig.max_windows, help="windows per recording, from its start")
+    s.add_argument("--seed", type=int, default=NetworksConfig.seed)
     s.add_argument("--report", default=None, help="report folder (default: reports/<run name>)")
     s.set_defaults(fn=cmd_networks)
 
@@ -247,12 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--by", required=True, help="manifest column (condition) or phenotype column (e.g. phq9)")
     s.add_argument("--groups", nargs=2, metavar=("A", "B"), default=None, help="two values; the contrast is A − B")
     s.add_argument("--threshold", type=float, default=None, help="numeric split: column>=X against column<X")
-    s.add_argument("--layer", type=_layer, default=-1, help='block index (default -1: the last) or "mean"')
-    s.add_argument("--permutations", type=int, default=5000)
-    s.add_argument("--alpha", type=float, default=0.05)
+    s.add_argument("--layer", type=_layer, default=AttentionConfig.layer, help='block index (default -1: the last) or "mean"')
+    s.add_argument("--resolution", choices=("recording", "time"), default=AttentionConfig.resolution,
+                   help="recording: attention mass per parcel; time: per parcel and time point (designs locked "
+                        "to the recording start, e.g. a block task)")
+    s.add_argument("--permutations", type=int, default=AttentionConfig.permutations)
+    s.add_argument("--alpha", type=float, default=AttentionConfig.alpha)
     s.add_argument("--networks", default=None, help='atlas column for network tests (default: yeo7; "" for none)')
-    s.add_argument("--max-windows", type=int, default=None, help="windows per recording, from its start")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-windows", type=int, default=AttentionConfig.max_windows, help="windows per recording, from its start")
+    s.add_argument("--seed", type=int, default=AttentionConfig.seed)
     s.add_argument("--report", default=None, help="report folder (default: reports/<run name>)")
     s.set_defaults(fn=cmd_attention)
 
@@ -263,20 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", default=None, help="value of --by whose recordings are perturbed")
     s.add_argument("--target", default=None, help="value of --by whose representation is matched")
     s.add_argument("--threshold", type=float, default=None, help="numeric split: column<X → column>=X")
-    s.add_argument("--mode", choices=("parcel_time", "parcel"), default="parcel_time")
-    s.add_argument("--representation", choices=("cls", "forecast"), default="cls")
-    s.add_argument("--sparsity", type=float, default=0.02)
-    s.add_argument("--steps", type=int, default=300)
-    s.add_argument("--lr", type=float, default=0.05)
-    s.add_argument("--horizon", type=int, default=1, help="patches forecast at the end of each window")
+    s.add_argument("--mode", choices=("parcel_time", "parcel"), default=PerturbConfig.mode)
+    s.add_argument("--representation", choices=("forecast", "cls"), default=PerturbConfig.representation,
+                   help="matched: the forecast of the last patches, or the CLS embedding")
+    s.add_argument("--sparsity", type=float, default=PerturbConfig.sparsity)
+    s.add_argument("--steps", type=int, default=PerturbConfig.steps)
+    s.add_argument("--lr", type=float, default=PerturbConfig.lr)
+    s.add_argument("--horizon", type=int, default=PerturbConfig.horizon, help="patches forecast at the end of each window")
     s.add_argument("--drive", default=None, help="comma-separated parcel names or network names to drive")
     s.add_argument("--signal", choices=("sine", "block", "constant"), default="sine")
     s.add_argument("--amplitude", type=float, default=1.0)
     s.add_argument("--period", type=float, default=40.0, help="TRs per cycle of the driving signal")
-    s.add_argument("--max-recordings", type=int, default=None, help="per group (drive: in all)")
-    s.add_argument("--max-windows", type=int, default=1, help="windows per recording, from its start")
+    s.add_argument("--max-recordings", type=int, default=PerturbConfig.max_recordings, help="per group (drive: in all)")
+    s.add_argument("--max-windows", type=int, default=PerturbConfig.max_windows, help="windows per recording, from its start")
     s.add_argument("--networks", default=None, help='atlas column to rank networks (default: yeo7; "" for none)')
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=PerturbConfig.seed)
     s.add_argument("--register", action="store_true", help="register the model as brainlm-perturbation (served)")
     s.add_argument("--report", default=None, help="report folder (default: reports/<run name>)")
     s.set_defaults(fn=cmd_perturb)

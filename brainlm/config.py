@@ -263,6 +263,7 @@ class AttentionConfig:
     """CLS-attention maps and their group contrasts (brainlm/tasks/attention.py)."""
 
     layer: int | None = -1  # block whose CLS attention is read; None averages every block
+    resolution: str = "recording"  # "recording": attention mass per parcel; "time": per parcel and time point
     max_windows: int | None = None  # non-overlapping windows per recording, from its start; None: all
     permutations: int = 5000
     alpha: float = 0.05  # significance level for the corrected p-values
@@ -275,8 +276,8 @@ class PerturbConfig:
     """Zero-shot in-silico perturbation with the model frozen (brainlm/tasks/perturb.py)."""
 
     mode: str = "parcel_time"  # "parcel_time": a series per parcel; "parcel": one offset per parcel
-    representation: str = "cls"  # what is matched: "cls" embedding, or the "forecast" of the last patches
-    sparsity: float = 0.02  # weight of the group-lasso penalty (per parcel) against the matching loss
+    representation: str = "forecast"  # what is matched: the "forecast" of the last patches, or the "cls" embedding
+    sparsity: float = 0.3  # weight of the group-lasso penalty (per parcel) against the matching loss
     steps: int = 300
     lr: float = 0.05
     horizon: int = 1  # patches forecast at the end of each window ("forecast" and drive mode)

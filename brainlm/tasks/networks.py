@@ -43,7 +43,7 @@ from brainlm.data.atlas import Atlas
 from brainlm.data.store import Cohort
 from brainlm.errors import BrainLMError
 from brainlm.model import BrainLM
-from brainlm.tasks.attention import attention_weights, network_column, select_layers, windows
+from brainlm.tasks.attention import attention_weights, network_column, select_layers, untrained_like, windows
 
 METHODS = ("attention", "fc", "untrained", "coordinates")
 SOURCES = ("decoder", "encoder")
@@ -144,13 +144,6 @@ def feature_rows(matrix: np.ndarray) -> np.ndarray:
     m = np.where(off, m, (m * off).sum(1, keepdims=True) / max(len(m) - 1, 1))
     sd = m.std(1, keepdims=True)
     return (m - m.mean(1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
-
-
-def untrained_like(model: BrainLM, seed: int) -> BrainLM:
-    """A model of the same architecture with random weights (seeded; the global RNG is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return BrainLM(model.cfg).eval()
 
 
 def pick_recordings(cohort: Cohort, max_recordings: int | None, seed: int) -> list[str]:

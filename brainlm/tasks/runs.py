@@ -132,43 +132,52 @@ def run_attention(cohort: str | Path, column: str, groups: tuple[str, str] | Non
               "networks_column": attention.network_column(opened.atlas, cfg.networks)}
     with _tracked("attention", opened, uri, params, report_dir, settings) as report:
         result, maps = attention.cls_contrast(model, opened, split, cfg)
+        reference, _ = attention.cls_contrast(attention.untrained_like(model, cfg.seed), opened, split, cfg)
         folder = report.folder
         result.parcels.to_csv(folder / "contrast_parcels.tsv", sep="\t", index=False, float_format="%.6g")
         if not result.networks.empty:
             result.networks.to_csv(folder / "contrast_networks.tsv", sep="\t", index=False, float_format="%.6g")
+            reference.networks.to_csv(folder / "contrast_networks_untrained.tsv", sep="\t", index=False,
+                                      float_format="%.6g")
         coords = opened.atlas.coords
         a, b = split.names
-        figures.glass_brain(maps[split.in_a].mean(0), coords, folder / "cls_attention_group_a.png",
+        figures.glass_brain(maps.mass[split.in_a].mean(0), coords, folder / "cls_attention_group_a.png",
                             f"CLS attention: {a} (n={int(split.in_a.sum())} recordings)")
-        figures.glass_brain(maps[~split.in_a].mean(0), coords, folder / "cls_attention_group_b.png",
+        figures.glass_brain(maps.mass[~split.in_a].mean(0), coords, folder / "cls_attention_group_b.png",
                             f"CLS attention: {b} (n={int((~split.in_a).sum())} recordings)")
         significant = result.parcels["p_fdr"].to_numpy() < cfg.alpha
-        figures.glass_brain(result.parcels["t"].to_numpy(), coords, folder / "cls_contrast.png",
-                            f"CLS attention {a} − {b}: t (large: FDR < {cfg.alpha:g})", diverging=True,
-                            highlight=significant)
+        figures.glass_brain(result.parcels["statistic"].to_numpy(), coords, folder / "cls_contrast.png",
+                            f"{a} vs {b}: {result.statistic} (large: FDR < {cfg.alpha:g})",
+                            diverging=cfg.resolution == "recording", highlight=significant)
         report.metrics.update(result.counts)
         report.metrics.update({
             "parcels_fdr_significant": int(significant.sum()),
             "parcels_fwer_significant": int((result.parcels["p_fwer"] < cfg.alpha).sum()),
-            "max_abs_t": float(result.parcels["t"].abs().max()),
+            "max_abs_statistic": float(result.parcels["statistic"].abs().max()),
         })
         if not result.networks.empty:
             report.metrics["networks_fdr_significant"] = int((result.networks["p_fdr"] < cfg.alpha).sum())
-        top = result.parcels.reindex(result.parcels["t"].abs().sort_values(ascending=False).index)
+            report.metrics["untrained_networks_fdr_significant"] = int((reference.networks["p_fdr"] < cfg.alpha).sum())
+        top = result.parcels.reindex(result.parcels["statistic"].abs().sort_values(ascending=False).index)
         counts = result.counts
         report.lines = [
-            f"CLS-attention contrast  cohort {opened.name}: {a} − {b} by {column!r}",
+            f"CLS-attention contrast  cohort {opened.name}: {a} vs {b} by {column!r} ({cfg.resolution} resolution, "
+            f"layer {'mean' if cfg.layer is None else cfg.layer})",
             f"{a}: {counts['recordings_a']} recordings of {counts['participants_a']} participants; {b}: "
             f"{counts['recordings_b']} of {counts['participants_b']}; {counts['recordings_excluded']} recordings "
             f"in neither group",
-            f"permutation test {result.scheme}, {cfg.permutations} permutations; p_fdr: Benjamini-Hochberg, "
-            f"p_fwer: max-statistic",
+            f"statistic: {result.statistic} ({a} − {b}); permutation test {result.scheme}, {cfg.permutations} "
+            f"permutations; p_fdr: Benjamini-Hochberg, p_fwer: max-statistic",
         ]
         if not result.networks.empty:
-            report.lines += ["", _format(result.networks, ["network", "parcels", "difference", "t", "p", "p_fdr",
-                                                           "p_fwer"])]
-        report.lines += ["", f"top {TOP_PARCELS} parcels by |t|",
-                         _format(top.head(TOP_PARCELS), ["name", "network", "difference", "t", "p", "p_fdr",
+            report.lines += ["", _format(result.networks, ["network", "parcels", "difference", "statistic", "p",
+                                                           "p_fdr", "p_fwer"]),
+                             "untrained model of the same architecture, strongest networks: "
+                             + ", ".join(f"{n} ({v:.2f})" for n, v in
+                                         zip(reference.networks["network"][:3], reference.networks["statistic"][:3],
+                                             strict=False))]
+        report.lines += ["", f"top {TOP_PARCELS} parcels",
+                         _format(top.head(TOP_PARCELS), ["name", "network", "difference", "statistic", "p", "p_fdr",
                                                           "p_fwer"])]
         report.result = result
     return report

@@ -11,7 +11,15 @@ from fixtures_cohort import make_cohort
 from scipy import stats
 
 from brainlm.data.store import open_cohort
-from brainlm.tasks.attention import AttentionError, contrast, permutation_test, precision_at_k, split_groups
+from brainlm.tasks.attention import (
+    AttentionError,
+    ClsMaps,
+    Groups,
+    contrast,
+    permutation_test,
+    precision_at_k,
+    split_groups,
+)
 
 FEATURES = 400  # independent null "parcels" per data set
 
@@ -73,34 +81,49 @@ def test_planted_effects_survive_correction_and_nothing_else_does():
     result = permutation_test(values, in_a, participants, permutations=1999, seed=0)
     assert (result.p_fwer[planted] < 0.05).all() and (result.p_fdr[planted] < 0.05).all()
     assert (result.p_fwer[~planted] < 0.05).sum() == 0
-    assert (result.t[planted] > 0).all()  # the contrast is group a − group b
-    assert precision_at_k(np.abs(result.t), planted) == 1.0
+    assert (result.statistic[planted] > 0).all()  # the contrast is group a − group b
+    assert precision_at_k(np.abs(result.statistic), planted) == 1.0
 
 
-def test_within_participant_scheme_uses_only_participants_seen_in_both_groups():
+def test_within_participant_t_is_the_paired_t():
+    """One recording per group and participant: the statistic is the paired t, and extra one-group people
+    (no within-participant information) change nothing."""
     values, in_a, participants = _within_null(np.random.default_rng(5), participants=10, features=3)
-    extra = np.ones((2, 3)) * 100  # two participants with one group only: no within-participant information
-    result = permutation_test(np.vstack([values, extra]), np.append(in_a, [True, False]),
-                              np.append(participants, ["x", "y"]), permutations=99)
-    assert result.scheme == "within participants" and (result.units_a, result.units_b) == (10, 10)
+    result = permutation_test(values, in_a, participants, permutations=99)
+    paired = stats.ttest_rel(values[in_a], values[~in_a]).statistic
+    assert result.scheme == "within participants" and np.allclose(result.statistic, paired)
+    extra = permutation_test(np.vstack([values, np.ones((2, 3)) * 100]), np.append(in_a, [True, False]),
+                             np.append(participants, ["x", "y"]), permutations=99)
+    assert np.allclose(extra.statistic, paired) and (extra.units_a, extra.units_b) == (10, 10)
+
+
+def test_pooled_features_test_a_time_course_of_either_sign():
+    """A difference that flips sign over time cancels in the mean but not in the pooled mean t²."""
+    rng = np.random.default_rng(7)
+    values, in_a, participants = _between_null(rng, participants=24, per_participant=1, features=20)
+    wave = np.tile([1.5, -1.5], 5)
+    values[np.ix_(in_a, np.arange(10))] += wave  # feature 0: columns 0-9 differ, alternating in sign
+    pooled = permutation_test(values, in_a, participants, 999, pool=np.repeat([0, 1], 10))
+    assert pooled.p[0] < 0.01 and pooled.p[1] > 0.05 and pooled.statistic[0] > 3 * pooled.statistic[1]
+    summed = permutation_test(values[:, :10].mean(1, keepdims=True), in_a, participants, 999)
+    assert summed.p[0] > 0.05
 
 
 def test_contrast_tables_by_parcel_and_network():
     rng = np.random.default_rng(6)
     values, in_a, participants = _between_null(rng, participants=20, per_participant=1, features=6)
     values[in_a, :3] += 3.0  # the first network differs
-    groups = _groups(in_a, participants)
-    result = contrast(values, groups, [f"P{i}" for i in range(6)], ["A", "A", "A", "B", "B", ""], 999)
-    assert result.parcels["name"].tolist() == [f"P{i}" for i in range(6)]
-    assert result.networks["network"].tolist()[0] == "A" and set(result.networks["network"]) == {"A", "B"}
-    assert result.networks.loc[0, "parcels"] == 3 and result.networks.loc[0, "p_fwer"] < 0.05
-
-
-def _groups(in_a, participants):
-    from brainlm.tasks.attention import Groups
-
-    return Groups(column="x", names=("a", "b"), recording_ids=[f"r{i}" for i in range(len(in_a))], in_a=in_a,
-                  participants=participants, excluded=0)
+    groups = Groups(column="x", names=("a", "b"), recording_ids=[f"r{i}" for i in range(20)], in_a=in_a,
+                    participants=participants, excluded=0)
+    maps = ClsMaps(mass=np.exp(values), parcels=values, tokens=values[:, :, None, None])
+    for resolution in ("recording", "time"):
+        result = contrast(maps, groups, [f"P{i}" for i in range(6)], ["A", "A", "A", "B", "B", ""], resolution, 999)
+        assert result.parcels["name"].tolist() == [f"P{i}" for i in range(6)]
+        assert result.networks["network"].tolist()[0] == "A" and set(result.networks["network"]) == {"A", "B"}
+        assert result.networks.loc[0, "parcels"] == 3 and result.networks.loc[0, "p_fwer"] < 0.05
+        assert (result.parcels["difference"][:3] > 0).all()
+    with pytest.raises(AttentionError, match="unknown resolution"):
+        contrast(maps, groups, [f"P{i}" for i in range(6)], None, "voxel")
 
 
 # ------------------------------------------------------------------------------------------- groups

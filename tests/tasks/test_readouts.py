@@ -7,14 +7,13 @@ import torch
 from brainlm.config import NetworksConfig, PerturbConfig, preset
 from brainlm.data.atlas import Atlas
 from brainlm.model import BrainLM
-from brainlm.tasks.attention import AttentionError, attention_weights, cls_attention, windows
+from brainlm.tasks.attention import AttentionError, attention_weights, cls_attention, untrained_like, windows
 from brainlm.tasks.networks import (
     NetworksError,
     feature_rows,
     labelled_parcels,
     parcel_attention,
     score_networks,
-    untrained_like,
 )
 from brainlm.tasks.perturb import (
     PerturbError,
@@ -48,7 +47,7 @@ def test_hooked_weights_are_the_models_own_attention(model, batch):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(captured, reference, strict=True))
     assert torch.allclose(cls, model.embed(signals, coords).cls, atol=1e-6)  # the forward is unchanged
     assert not any(b.attn._forward_hooks or b.attn._forward_pre_hooks for b in model.blocks)  # hooks removed
-    expected = reference[-1][:, :, 0, 1:].mean(1).reshape(2, P, 3).sum(-1)
+    expected = reference[-1][:, :, 0, 1:].mean(1).reshape(2, P, 3)
     assert torch.allclose(cls_attention(model, signals, coords, layer=-1), expected, atol=1e-6)
     with pytest.raises(AttentionError, match="layer 5 does not exist"):
         cls_attention(model, signals, coords, layer=5)

@@ -1,13 +1,14 @@
 """Functional networks from attention: does the model treat the parcels of one network as belonging together?
 
-    parcel_features(model, cohort, cfg)   one feature vector per parcel and method:
+    parcel_features(model, recordings, atlas, cfg)   one feature vector per parcel and method:
         attention     row p of the model's parcel-to-parcel attention (below), averaged over windows
         untrained     the same from an untrained model of the same architecture (random initialisation)
         fc            row p of the functional connectivity (Fisher-z correlation) of the same windows
         coordinates   the parcel's centroid: what anatomy alone tells
     score_networks(features, atlas, column, cfg)   kNN into the networks of an atlas column, the same
                                                    stratified folds for every method
-    identify_networks(model, cohort, cfg)          both, for one column
+    identify_networks(model, cohort, cfg)          both, for one column of a stored cohort
+    network_table(model, recordings, atlas, columns, cfg)   several columns from one set of features
 
 Parcel-to-parcel attention, for a chosen block (or the mean over blocks), averaged over heads:
   - source "decoder": the model is run as it was trained (random masks at its own mask ratio) and A[p, q] is the
@@ -28,6 +29,7 @@ The model may come from another atlas: it only needs the parcels' centroids.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,34 +108,38 @@ def _pairs(mask: Tensor | None, B: int, P: int, N: int) -> Tensor:
     return mask[:, :, :, None, None] * (1 - mask)[:, None, None, :, :]
 
 
-def attention_matrix(model: BrainLM, cohort: Cohort, recording_ids: list[str], cfg: NetworksConfig) -> np.ndarray:
-    """(P, P) parcel-to-parcel attention, pooled over the windows of `recording_ids`."""
+def attention_matrix(model: BrainLM, recordings: Iterable[np.ndarray], coords: np.ndarray,
+                     cfg: NetworksConfig) -> np.ndarray:
+    """(P, P) parcel-to-parcel attention, pooled over the windows of parcels × time `recordings`."""
     model.eval()
-    coords = torch.from_numpy(cohort.atlas.coords)
-    P, L = cohort.atlas.n_parcels, cohort.atlas.n_parcels * model.cfg.patches_per_parcel + 1
-    heads = (model.cfg.decoder_heads if cfg.source == "decoder" else model.cfg.heads)
+    P = len(coords)
+    L = P * model.cfg.patches_per_parcel + 1
+    heads = model.cfg.decoder_heads if cfg.source == "decoder" else model.cfg.heads
     batch = max(1, _WEIGHTS_BUDGET // (heads * L * L))
     generator = torch.Generator().manual_seed(cfg.seed)
+    centroids = torch.from_numpy(np.asarray(coords, dtype=np.float32))
     total = torch.zeros(P, P, dtype=torch.float64)
     count = torch.zeros(P, P, dtype=torch.float64)
-    for recording_id in recording_ids:
-        x = windows(cohort.recording(recording_id), model.cfg.window, cfg.max_windows)
+    for recording in recordings:
+        x = windows(recording, model.cfg.window, cfg.max_windows)
         for start in range(0, len(x), batch):
-            t, c = parcel_attention(model, x[start : start + batch], coords, cfg, generator)
+            t, c = parcel_attention(model, x[start : start + batch], centroids, cfg, generator)
             total, count = total + t, count + c
     return (total / count.clamp(min=1)).numpy()
 
 
-def fc_matrix(cohort: Cohort, recording_ids: list[str], window: int, max_windows: int | None) -> np.ndarray:
+def fc_matrix(recordings: Iterable[np.ndarray], window: int, max_windows: int | None) -> np.ndarray:
     """(P, P) mean Fisher-z correlation over recordings, each over the same windows the model sees."""
-    total = np.zeros((cohort.n_parcels,) * 2)
-    for recording_id in recording_ids:
-        x = windows(cohort.recording(recording_id), window, max_windows).numpy()  # (W, P, window)
+    total, n = 0.0, 0
+    for recording in recordings:
+        x = windows(recording, window, max_windows).numpy()  # (W, P, window)
         series = x.transpose(1, 0, 2).reshape(x.shape[1], -1).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):  # a flat parcel has no correlation: 0
             corr = np.nan_to_num(np.corrcoef(series))
-        total += np.arctanh(np.clip(corr, -0.999999, 0.999999))
-    return total / len(recording_ids)
+        total, n = total + np.arctanh(np.clip(corr, -0.999999, 0.999999)), n + 1
+    if n == 0:
+        raise NetworksError("no recordings to compute functional connectivity from")
+    return total / n
 
 
 def feature_rows(matrix: np.ndarray) -> np.ndarray:
@@ -157,18 +163,26 @@ def pick_recordings(cohort: Cohort, max_recordings: int | None, seed: int) -> li
     return [ids[i] for i in sorted(chosen)]
 
 
-def parcel_features(model: BrainLM, cohort: Cohort, cfg: NetworksConfig,
-                    recording_ids: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """({method: (P, F) features}, {method: (P, P) matrix}) for every method in METHODS."""
-    ids = recording_ids if recording_ids is not None else pick_recordings(cohort, cfg.max_recordings, cfg.seed)
+def parcel_features(model: BrainLM, recordings: Callable[[], Iterator[np.ndarray]], atlas: Atlas,
+                    cfg: NetworksConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """({method: (P, F) features}, {method: (P, P) matrix}) for every method in METHODS.
+
+    `recordings()` yields the parcels × time recordings afresh on each call (each method reads them once).
+    """
     matrices = {
-        "attention": attention_matrix(model, cohort, ids, cfg),
-        "fc": fc_matrix(cohort, ids, model.cfg.window, cfg.max_windows),
-        "untrained": attention_matrix(untrained_like(model, cfg.seed), cohort, ids, cfg),
+        "attention": attention_matrix(model, recordings(), atlas.coords, cfg),
+        "fc": fc_matrix(recordings(), model.cfg.window, cfg.max_windows),
+        "untrained": attention_matrix(untrained_like(model, cfg.seed), recordings(), atlas.coords, cfg),
     }
     features = {name: feature_rows(m) for name, m in matrices.items()}
-    features["coordinates"] = cohort.atlas.coords.astype(np.float64)
+    features["coordinates"] = atlas.coords.astype(np.float64)
     return features, matrices
+
+
+def cohort_recordings(cohort: Cohort, cfg: NetworksConfig) -> Callable[[], Iterator[np.ndarray]]:
+    """The recordings `cfg` picks from a stored cohort, read (memory-mapped) on each pass."""
+    ids = pick_recordings(cohort, cfg.max_recordings, cfg.seed)
+    return lambda: (cohort.recording(r) for r in ids)
 
 
 # ------------------------------------------------------------------------------------- classification
@@ -260,7 +274,7 @@ def score_networks(features: dict[str, np.ndarray], atlas: Atlas, column: str, c
 def identify_networks(model: BrainLM, cohort: Cohort, cfg: NetworksConfig) -> NetworkResult:
     """Classify the cohort's parcels into the networks of `cfg.labels` from each method's features."""
     column = label_column(cohort.atlas, cfg.labels)  # refuse a bad column before any attention is computed
-    features, matrices = parcel_features(model, cohort, cfg)
+    features, matrices = parcel_features(model, cohort_recordings(cohort, cfg), cohort.atlas, cfg)
     return score_networks(features, cohort.atlas, column, cfg, matrices)
 
 
@@ -274,12 +288,17 @@ def label_column(atlas: Atlas, requested: str | None) -> str:
     return column
 
 
-def network_table(model: BrainLM, cohort: Cohort, columns: list[str], cfg: NetworksConfig) -> pd.DataFrame:
-    """Accuracy table for several label columns from one set of features: labels, method, metrics, chance."""
-    features, _ = parcel_features(model, cohort, cfg)
+def network_table(model: BrainLM, recordings: Callable[[], Iterator[np.ndarray]], atlas: Atlas, columns: list[str],
+                  cfg: NetworksConfig) -> pd.DataFrame:
+    """Accuracy table for several label columns from one set of features.
+
+    One row per (labels, method): networks, parcels, accuracy, balanced_accuracy, chance_accuracy,
+    chance_balanced. `recordings` as for `parcel_features`.
+    """
+    features, _ = parcel_features(model, recordings, atlas, cfg)
     rows = []
     for column in columns:
-        result = score_networks(features, cohort.atlas, column, cfg)
+        result = score_networks(features, atlas, column, cfg)
         for _, row in result.table().iterrows():
             rows.append({"labels": column, "networks": len(result.networks), "parcels": len(result.labels),
                          **row.to_dict(), "chance_accuracy": result.chance_accuracy,

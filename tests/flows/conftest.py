@@ -55,7 +55,8 @@ def assert_no_participant_ids():
         files = [p for p in root.rglob("*") if p.is_file()]
         assert files, f"no artifacts under {root}"
         texts += [str(p.relative_to(root)) for p in files]
-        texts += [p.read_text() for p in files if p.suffix != ".safetensors"]
+        # every file but the weights, binary ones (figures, arrays) included: ids must not hide in them either
+        texts += [p.read_bytes().decode("utf-8", errors="replace") for p in files if p.suffix != ".safetensors"]
         for pid in participant_ids:
             leaks = [t[:200] for t in texts if pid in t]
             assert not leaks, f"participant id {pid} stored in MLflow: {leaks[:3]}"

@@ -1,0 +1,87 @@
+"""What the model knows, checked against the synthetic cohort's planted answers.
+
+A tiny model pretrained (self-supervised, no labels) on the cohort must place its parcels into the planted
+networks well above chance and above the same architecture untrained; the task-against-rest CLS contrast and
+the rest→task perturbation must both put the Visual network (the one the task drives) first. The references
+the model is honestly compared with (FC, coordinates) are printed, not asserted: on synthetic data FC is
+near perfect (see the report in `brainlm networks`).
+"""
+
+import numpy as np
+import pytest
+import torch
+from fixtures_pretrained import pretrained
+
+from brainlm.config import AttentionConfig, NetworksConfig, PerturbConfig
+from brainlm.tasks.attention import (
+    cls_contrast,
+    network_labels_or_none,
+    precision_at_k,
+    split_groups,
+    untrained_like,
+    windows,
+)
+from brainlm.tasks.networks import identify_networks
+from brainlm.tasks.perturb import optimise_perturbation
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    trained = pretrained(tmp_path_factory.mktemp("pretrained"))
+    torch.set_num_threads(before)
+    return trained
+
+
+def _visual(tiny):
+    cohort = tiny.cohort
+    return np.array(tiny.truth.parcel_networks(cohort.atlas.index)) == tiny.truth.task_network
+
+
+def test_attention_places_parcels_in_the_planted_networks(tiny):
+    result = identify_networks(tiny.model, tiny.cohort, NetworksConfig(max_recordings=8))
+    scores = {m: s.balanced_accuracy for m, s in result.scores.items()}
+    print(f"\nbalanced accuracy over {len(result.networks)} networks (chance {result.chance_balanced:.3f}):",
+          {m: round(v, 3) for m, v in scores.items()}, f"pretrained in {tiny.seconds:.0f} s")
+    assert result.column == "yeo7" and len(result.networks) == 7  # subcortex and cerebellum are unlabelled
+    assert result.excluded_unlabelled == 14
+    assert scores["attention"] >= result.chance_balanced + 0.2
+    assert scores["attention"] >= scores["untrained"] + 0.15  # fails if pretraining taught the model nothing
+
+
+def test_task_contrast_puts_the_visual_network_first(tiny):
+    cohort = tiny.cohort
+    groups = split_groups(cohort, "condition", ("task", "rest"))
+    cfg = AttentionConfig(resolution="time", layer=-1, permutations=999)
+    result, _ = cls_contrast(tiny.model, cohort, groups, cfg)
+    ranked = result.networks
+    print("\n" + ranked[["network", "statistic", "p_fwer"]].round(3).to_string())
+    assert result.scheme == "within participants"
+    assert ranked["network"][0] == "Visual" and ranked["p_fwer"][0] < 0.01
+    assert ranked["statistic"][0] >= 1.2 * ranked["statistic"][1]
+    assert precision_at_k(result.parcels["statistic"].to_numpy(), _visual(tiny)) >= 0.5  # chance: 8/64
+
+
+def test_rest_to_task_perturbation_puts_the_visual_network_first(tiny):
+    cohort = tiny.cohort
+    groups = split_groups(cohort, "condition", ("rest", "task"))
+    ids = np.array(groups.recording_ids)
+    window = tiny.cfg.window
+    source = torch.cat([windows(cohort.recording(r), window, 1) for r in ids[groups.in_a][:12]])
+    target = torch.cat([windows(cohort.recording(r), window, 1) for r in ids[~groups.in_a][:12]])
+    cfg = PerturbConfig(representation="forecast", steps=100)
+    result = optimise_perturbation(tiny.model, source, target, torch.from_numpy(cohort.atlas.coords), cfg,
+                                   cohort.atlas.names, network_labels_or_none(cohort, "yeo7"))
+    print("\n" + result.networks.round(4).to_string(), f"\nmatching loss {result.loss_end:.3f}")
+    assert result.loss_end < 0.2
+    assert result.networks["network"][0] == "Visual"
+    assert result.networks["size"][0] >= 1.5 * result.networks["size"][1]
+    assert precision_at_k(result.size, _visual(tiny)) >= 0.5
+
+    untrained = optimise_perturbation(untrained_like(tiny.model, 0), source, target,
+                                      torch.from_numpy(cohort.atlas.coords), cfg, cohort.atlas.names,
+                                      network_labels_or_none(cohort, "yeo7"))
+    print("untrained:", untrained.networks["network"].tolist()[:3])

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from brainlm import registry
-from brainlm.config import AttentionConfig, NetworksConfig, PerturbConfig, Settings, to_dict
+from brainlm.config import AttentionConfig, NetworksConfig, PerturbConfig, Settings, load_settings, to_dict
 from brainlm.data.store import Cohort, open_cohort
 from brainlm.model import BrainLM
 from brainlm.pipelines import check_cohort, check_no_participant_ids
@@ -68,9 +68,10 @@ def run_networks(cohort: str | Path, cfg: NetworksConfig | None = None, *, model
                  report_dir: str | Path | None = None, settings: Settings | None = None) -> TaskReport:
     """Network identification from attention, with the fc, untrained and coordinates references."""
     cfg = cfg or NetworksConfig()
-    settings = registry.configure(settings)
+    settings = settings or load_settings()
     opened = open_cohort(cohort, settings)
-    column = networks.label_column(opened.atlas, cfg.labels)  # a user mistake fails before anything loads
+    column = networks.label_column(opened.atlas, cfg.labels)  # a user mistake fails before MLflow is touched
+    settings = registry.configure(settings)
     uri = model_uri or default_model_uri(settings)
     model = _load(uri, opened, settings)
     params = {"networks": to_dict(cfg), "labels": column}
@@ -122,10 +123,11 @@ def run_attention(cohort: str | Path, column: str, groups: tuple[str, str] | Non
                   settings: Settings | None = None) -> TaskReport:
     """CLS-attention maps of two groups of recordings and their permutation-tested contrast."""
     cfg = cfg or AttentionConfig()
-    settings = registry.configure(settings)
+    settings = settings or load_settings()
     opened = open_cohort(cohort, settings)
     split = attention.split_groups(opened, column, groups, threshold)
     attention.network_labels_or_none(opened, cfg.networks)  # an unknown network column fails here, early
+    settings = registry.configure(settings)
     uri = model_uri or default_model_uri(settings)
     model = _load(uri, opened, settings)
     params = {"attention": to_dict(cfg), "groups": {"column": column, "a": split.names[0], "b": split.names[1]},
@@ -194,7 +196,7 @@ def run_perturb(cohort: str | Path, column: str, groups: tuple[str, str] | None 
     `groups` is (source, target); with `threshold`, the source is `column<threshold` and the target the rest.
     """
     cfg = cfg or PerturbConfig()
-    settings = registry.configure(settings)
+    settings = settings or load_settings()
     opened = open_cohort(cohort, settings)
     if threshold is not None:
         split = attention.split_groups(opened, column, None, threshold)
@@ -203,6 +205,7 @@ def run_perturb(cohort: str | Path, column: str, groups: tuple[str, str] | None 
         split = attention.split_groups(opened, column, groups, None)
         source_in, (source, target) = split.in_a, split.names
     labels = attention.network_labels_or_none(opened, cfg.networks)
+    settings = registry.configure(settings)
     uri = model_uri or default_model_uri(settings)
     model = _load(uri, opened, settings)
     params = {"perturb": to_dict(cfg), "groups": {"column": column, "source": source, "target": target},
@@ -243,10 +246,11 @@ def run_drive(cohort: str | Path, parcels: list[str], signal: str = "sine", ampl
               report_dir: str | Path | None = None, settings: Settings | None = None) -> TaskReport:
     """Drive parcels (atlas names, or network names of the network column) with a signal; forecast changes."""
     cfg = cfg or PerturbConfig()
-    settings = registry.configure(settings)
+    settings = settings or load_settings()
     opened = open_cohort(cohort, settings)
     labels = attention.network_labels_or_none(opened, cfg.networks)
     positions = _parcel_positions(opened, parcels, labels)
+    settings = registry.configure(settings)
     uri = model_uri or default_model_uri(settings)
     model = _load(uri, opened, settings)
     params = {"perturb": to_dict(cfg), "drive": {"parcels": parcels, "signal": signal, "amplitude": amplitude,

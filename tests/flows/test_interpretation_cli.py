@@ -36,11 +36,17 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture
-def registered(home, tiny):
-    """The pretrained checkpoint registered as brainlm-pretrained v1 @champion; the cohort in the home's store."""
+def stored(home, tiny):
+    """The synthetic cohort in this test's brainlm home."""
     settings = load_settings()
     shutil.copytree(tiny.cohort_path, settings.cohorts_dir / COHORT)
-    cohort = open_cohort(COHORT)
+    return settings, open_cohort(COHORT)
+
+
+@pytest.fixture
+def registered(stored, tiny):
+    """The pretrained checkpoint registered as brainlm-pretrained v1 @champion."""
+    settings, cohort = stored
     run_id = registry.start_run(settings.mlflow.pretrain_experiment, "pretrain-tiny", {}, {}, settings)
     registry.log_pretrained(run_id, tiny.checkpoint, tiny.cfg, pipelines.cohort_info(cohort), None, preset="tiny",
                             settings=settings)
@@ -123,19 +129,22 @@ def test_interpretation_commands_report_and_track_without_participant_ids(regist
     assert_no_participant_ids(settings, cohort.participants)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["networks", "--labels", "nope"], "unknown label column 'nope'; atlas"),
-    (["networks", "--labels", "sparse"], "too few labelled parcels in column 'sparse'"),
-    (["attention", "--by", "mood"], "unknown group column 'mood'"),
-    (["attention", "--by", "condition", "--groups", "task", "sleep"], "unknown group 'sleep' in column 'condition'"),
-    (["perturb", "--by", "condition"], "--by needs --source A --target B"),
-    (["perturb", "--drive", "V9"], "unknown parcel 'V9'"),
-])
-def test_user_mistakes_are_one_line_errors(registered, capsys, argv, message):
-    settings, cohort = registered
+def test_user_mistakes_are_one_line_errors(stored, capsys):
+    """Each mistake is refused before any model is loaded (none is registered here), in one line."""
+    settings, cohort = stored
     atlas = pd.read_csv(cohort.path / "atlas.tsv", sep="\t", dtype=str, keep_default_na=False)
     atlas["sparse"] = ["Visual"] * 3 + [""] * (len(atlas) - 3)  # a lab's column that labels one network only
     atlas.to_csv(cohort.path / "atlas.tsv", sep="\t", index=False)
-    assert main([argv[0], "--cohort", COHORT, *argv[1:]]) == 1
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    for argv, message in [
+        (["networks", "--labels", "nope"], "unknown label column 'nope'; atlas"),
+        (["networks", "--labels", "sparse"], "too few labelled parcels in column 'sparse'"),
+        (["attention", "--by", "mood"], "unknown group column 'mood'"),
+        (["attention", "--by", "condition", "--groups", "task", "sleep"],
+         "unknown group 'sleep' in column 'condition'"),
+        (["attention", "--by", "participant"], "unknown group column 'participant'"),
+        (["perturb", "--by", "condition"], "--by needs --source A --target B"),
+        (["perturb", "--drive", "V9"], "unknown parcel 'V9'"),
+    ]:
+        assert main([argv[0], "--cohort", COHORT, *argv[1:]]) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--by", required=True, help="manifest column (condition) or phenotype column (e.g. phq9)")
     s.add_argument("--groups", nargs=2, metavar=("A", "B"), default=None, help="two values; the contrast is A − B")
     s.add_argument("--threshold", type=float, default=None, help="numeric split: column>=X against column<X")
-    s.add_argument("--layer", type=_layer, default=AttentionConfig.layer, help='block index (default -1: the last) or "mean"')
+    s.add_argument("--layer", type=_layer, default=AttentionConfig.layer, help='block index, or "mean" (default) over blocks')
     s.add_argument("--resolution", choices=("recording", "time"), default=AttentionConfig.resolution,
                    help="recording: attention mass per parcel; time: per parcel and time point (designs locked "
                         "to the recording start, e.g. a block task)")
@@ -270,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default=None, help="value of --by whose representation is matched")
     s.add_argument("--threshold", type=float, default=None, help="numeric split: column<X → column>=X")
     s.add_argument("--mode", choices=("parcel_time", "parcel"), default=PerturbConfig.mode)
-    s.add_argument("--representation", choices=("forecast", "cls"), default=PerturbConfig.representation,
-                   help="matched: the forecast of the last patches, or the CLS embedding")
+    s.add_argument("--representation", choices=("reconstruction", "forecast", "cls"),
+                   default=PerturbConfig.representation,
+                   help="matched: masked-patch predictions under fixed masks, the forecast of the last patches, "
+                        "or the CLS embedding")
     s.add_argument("--sparsity", type=float, default=PerturbConfig.sparsity)
     s.add_argument("--steps", type=int, default=PerturbConfig.steps)
     s.add_argument("--lr", type=float, default=PerturbConfig.lr)

@@ -262,7 +262,7 @@ class NetworksConfig:
 class AttentionConfig:
     """CLS-attention maps and their group contrasts (brainlm/tasks/attention.py)."""
 
-    layer: int | None = -1  # block whose CLS attention is read; None averages every block
+    layer: int | None = None  # block whose CLS attention is read; None averages every block
     resolution: str = "recording"  # "recording": attention mass per parcel; "time": per parcel and time point
     max_windows: int | None = None  # non-overlapping windows per recording, from its start; None: all
     permutations: int = 5000
@@ -276,8 +276,8 @@ class PerturbConfig:
     """Zero-shot in-silico perturbation with the model frozen (brainlm/tasks/perturb.py)."""
 
     mode: str = "parcel_time"  # "parcel_time": a series per parcel; "parcel": one offset per parcel
-    representation: str = "forecast"  # what is matched: the "forecast" of the last patches, or the "cls" embedding
-    sparsity: float = 0.3  # weight of the group-lasso penalty (per parcel) against the matching loss
+    representation: str = "reconstruction"  # matched: masked-patch predictions, the "forecast", or the "cls"
+    sparsity: float = 1.0  # weight of the group-lasso penalty (per parcel) against the matching loss
     steps: int = 300
     lr: float = 0.05
     horizon: int = 1  # patches forecast at the end of each window ("forecast" and drive mode)

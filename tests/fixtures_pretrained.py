@@ -27,7 +27,7 @@ from brainlm.train import build_optimizer, lr_lambda, save_checkpoint, train_ste
 SYNTH = SynthConfig(subjects=24, timepoints=300, max_parcels=64, seed=0)  # 48 recordings, 64 parcels, 9 networks
 MODEL = preset("tiny", window=100, decoder_hidden=64)
 TRAIN = TrainConfig(lr=3e-3, warmup_fraction=0.05, batch_size=16, seed=0)
-STEPS = 800
+STEPS = 1200
 
 
 @dataclass(frozen=True)

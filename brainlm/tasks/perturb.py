@@ -7,10 +7,11 @@
 
 Matching. δ (per parcel × time, or one offset per parcel) is shared by every source window; it minimises
 
-    ‖mean_s r(x_s + δ) − mean_t r(x_t)‖² / ‖mean_s r(x_s) − mean_t r(x_t)‖²  +  λ Σ_p rms(δ_p)
+    ‖mean_s r(x_s + δ) − mean_t r(x_t)‖²_w / ‖mean_s r(x_s) − mean_t r(x_t)‖²_w  +  λ Σ_p rms(δ_p)
 
-where r is the representation. The first term is 1 before the perturbation and 0 when the source group's mean
-representation reaches the target group's. The second (a group lasso over parcels) keeps δ on as few parcels
+where r is the representation and ‖·‖_w weighs each feature by the inverse of its variance within the groups
+(a difference the size of the group means' noise counts little). The first term is 1 before the perturbation
+and 0 when the source group's mean representation reaches the target group's. The second (a group lasso over parcels) keeps δ on as few parcels
 as it can. It is minimised by proximal gradient descent with gradients normalised to unit RMS: the relative size
 of the gradients across parcels is kept (Adam's per-coordinate scaling would lose it), and the proximal step
 sets a parcel exactly to zero while its gradient stays below λ times the typical one. Parcels and networks are
@@ -39,7 +40,8 @@ from brainlm.errors import BrainLMError
 from brainlm.model import BrainLM
 
 MODES = ("parcel_time", "parcel")
-REPRESENTATIONS = ("cls", "forecast")
+REPRESENTATIONS = ("reconstruction", "forecast", "cls")
+RECONSTRUCTION_MASKS = 2  # fixed random masks whose predictions make the "reconstruction" representation
 PERTURBATION_MODEL = "brainlm-perturbation"  # registered name of the served perturbation model
 
 
@@ -79,8 +81,33 @@ def forecast(model: BrainLM, signals: Tensor, coords: Tensor, horizon: int = 1) 
     return out.pred[:, :, N - horizon :].reshape(B, P, -1)
 
 
-def representation(model: BrainLM, signals: Tensor, coords: Tensor, kind: str = "cls", horizon: int = 1) -> Tensor:
-    """(B, features): the unmasked encoder's CLS embedding, or the flattened forecast. Differentiable."""
+def reconstruction(model: BrainLM, signals: Tensor, coords: Tensor, draws: int = RECONSTRUCTION_MASKS,
+                   seed: int = 0) -> Tensor:
+    """(B, features) the model's predictions of the masked patches under `draws` fixed random masks.
+
+    The masks are drawn at the model's own mask ratio from `seed` and are the same for every window, so the
+    features line up across windows and groups: this is the pretraining task itself, kept in distribution.
+    """
+    B, P, T = signals.shape
+    N = T // model.cfg.patch_size
+    generator = torch.Generator().manual_seed(seed)
+    predictions = []
+    for _ in range(draws):
+        noise = torch.rand(1, P * N, generator=generator).to(signals.device).expand(B, -1)
+        out = model(signals, coords, noise=noise)
+        predictions.append(out.pred[:, out.mask[0].bool()].reshape(B, -1))
+    return torch.cat(predictions, dim=1)
+
+
+def representation(model: BrainLM, signals: Tensor, coords: Tensor, kind: str = "reconstruction",
+                   horizon: int = 1) -> Tensor:
+    """(B, features) what a perturbation is matched on; differentiable with respect to `signals`.
+
+    "reconstruction": the masked-patch predictions under fixed masks; "forecast": the predicted last
+    `horizon` patches; "cls": the unmasked encoder's CLS embedding.
+    """
+    if kind == "reconstruction":
+        return reconstruction(model, signals, coords)
     if kind == "cls":
         latent, _, _, _ = model.forward_encoder(signals, coords, 0.0)
         return latent[:, 0]
@@ -118,14 +145,23 @@ def optimise_perturbation(model: BrainLM, source: Tensor, target: Tensor, coords
     _, P, T = source.shape
     with frozen(model):
         with torch.no_grad():
-            goal = representation(model, target, coords, cfg.representation, cfg.horizon).mean(0)
-            start = representation(model, source, coords, cfg.representation, cfg.horizon).mean(0)
-        scale = ((start - goal) ** 2).sum().clamp(min=1e-12)
+            before = representation(model, source, coords, cfg.representation, cfg.horizon)
+            after = representation(model, target, coords, cfg.representation, cfg.horizon)
+            goal, start = after.mean(0), before.mean(0)
+            # Each feature counts in units of its spread within the groups: a difference that is only noise of
+            # the group means weighs little, and the penalty then keeps δ off the parcels that would chase it.
+            spread = torch.cat([before - start, after - goal]).pow(2).mean(0)
+            weight = 1 / (spread + 1e-6 * spread.mean() + 1e-12)
+        scale = (weight * (start - goal) ** 2).sum().clamp(min=1e-12)
         delta = torch.zeros(P, T if cfg.mode == "parcel_time" else 1, requires_grad=True)
+
+        def matching(x: Tensor) -> Tensor:
+            return (weight * (representation(model, x, coords, cfg.representation, cfg.horizon).mean(0) - goal)
+                    ** 2).sum() / scale
+
         history = []
         for step in range(cfg.steps):
-            loss = ((representation(model, source + delta, coords, cfg.representation, cfg.horizon).mean(0)
-                     - goal) ** 2).sum() / scale
+            loss = matching(source + delta)
             (grad,) = torch.autograd.grad(loss, delta)
             history.append(loss.item())
             lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))  # cosine to zero: settles
@@ -134,8 +170,7 @@ def optimise_perturbation(model: BrainLM, source: Tensor, target: Tensor, coords
                 rms = delta.pow(2).mean(1, keepdim=True).sqrt()
                 delta *= (1 - lr * cfg.sparsity / rms.clamp(min=1e-20)).clamp(min=0)  # group soft-threshold
         with torch.no_grad():
-            end = float(((representation(model, source + delta, coords, cfg.representation, cfg.horizon).mean(0)
-                          - goal) ** 2).sum() / scale)
+            end = float(matching(source + delta))
     full = delta.detach().expand(P, T).numpy().astype(np.float64)
     size = np.sqrt((full**2).mean(1))
     parcels, networks = rank_parcels(size, parcel_names, network_labels)

@@ -1,9 +1,14 @@
 """Zero-shot in-silico perturbation: which inputs would the frozen model need to change to see group B in A?
 
-    representation(model, signals, coords, kind)      what is matched: the CLS embedding, or the forecast
+    representation(model, signals, coords, kind)      what is matched (below)
     optimise_perturbation(model, source, target, ...)  one additive perturbation δ of the source windows
     drive(model, signals, coords, parcels, signal)     add a signal to chosen parcels; forecast change elsewhere
     predict_perturbation(model, model_input, params)   the served `brainlm-perturbation` model's answer
+
+Representations. "reconstruction" (the default): the model's predictions of the masked patches under a few
+fixed random masks at its own mask ratio — the pretraining task, kept in distribution. "forecast": its
+prediction of the last `horizon` patches of every parcel with those patches masked. "cls": the unmasked
+encoder's CLS embedding.
 
 Matching. δ (per parcel × time, or one offset per parcel) is shared by every source window; it minimises
 
@@ -11,15 +16,11 @@ Matching. δ (per parcel × time, or one offset per parcel) is shared by every s
 
 where r is the representation and ‖·‖_w weighs each feature by the inverse of its variance within the groups
 (a difference the size of the group means' noise counts little). The first term is 1 before the perturbation
-and 0 when the source group's mean representation reaches the target group's. The second (a group lasso over parcels) keeps δ on as few parcels
-as it can. It is minimised by proximal gradient descent with gradients normalised to unit RMS: the relative size
-of the gradients across parcels is kept (Adam's per-coordinate scaling would lose it), and the proximal step
-sets a parcel exactly to zero while its gradient stays below λ times the typical one. Parcels and networks are
-ranked by rms(δ_p). The model's weights never change.
-
-Forecast. The model predicts the last `horizon` patches of every parcel with those patches masked (the
-masked-autoencoder objective, used forwards in time); `drive` compares that forecast with and without a signal
-added to chosen parcels' inputs.
+and 0 when the source group's mean representation reaches the target group's; the second (a group lasso over
+parcels) keeps δ on as few parcels as it can. It is minimised by proximal gradient descent with gradients
+normalised to unit RMS: the relative size of the gradients across parcels is kept (Adam's per-coordinate
+scaling would lose it), and the proximal step sets a parcel exactly to zero while its gradient stays below λ
+times the typical one. Parcels and networks are ranked by rms(δ_p). The model's weights never change.
 """
 
 from __future__ import annotations
@@ -100,14 +101,14 @@ def reconstruction(model: BrainLM, signals: Tensor, coords: Tensor, draws: int =
 
 
 def representation(model: BrainLM, signals: Tensor, coords: Tensor, kind: str = "reconstruction",
-                   horizon: int = 1) -> Tensor:
+                   horizon: int = 1, seed: int = 0) -> Tensor:
     """(B, features) what a perturbation is matched on; differentiable with respect to `signals`.
 
-    "reconstruction": the masked-patch predictions under fixed masks; "forecast": the predicted last
-    `horizon` patches; "cls": the unmasked encoder's CLS embedding.
+    "reconstruction": the masked-patch predictions under masks drawn from `seed`; "forecast": the predicted
+    last `horizon` patches; "cls": the unmasked encoder's CLS embedding.
     """
     if kind == "reconstruction":
-        return reconstruction(model, signals, coords)
+        return reconstruction(model, signals, coords, seed=seed)
     if kind == "cls":
         latent, _, _, _ = model.forward_encoder(signals, coords, 0.0)
         return latent[:, 0]
@@ -145,8 +146,8 @@ def optimise_perturbation(model: BrainLM, source: Tensor, target: Tensor, coords
     _, P, T = source.shape
     with frozen(model):
         with torch.no_grad():
-            before = representation(model, source, coords, cfg.representation, cfg.horizon)
-            after = representation(model, target, coords, cfg.representation, cfg.horizon)
+            before = representation(model, source, coords, cfg.representation, cfg.horizon, cfg.seed)
+            after = representation(model, target, coords, cfg.representation, cfg.horizon, cfg.seed)
             goal, start = after.mean(0), before.mean(0)
             # Each feature counts in units of its spread within the groups: a difference that is only noise of
             # the group means weighs little, and the penalty then keeps δ off the parcels that would chase it.
@@ -156,8 +157,8 @@ def optimise_perturbation(model: BrainLM, source: Tensor, target: Tensor, coords
         delta = torch.zeros(P, T if cfg.mode == "parcel_time" else 1, requires_grad=True)
 
         def matching(x: Tensor) -> Tensor:
-            return (weight * (representation(model, x, coords, cfg.representation, cfg.horizon).mean(0) - goal)
-                    ** 2).sum() / scale
+            r = representation(model, x, coords, cfg.representation, cfg.horizon, cfg.seed)
+            return (weight * (r.mean(0) - goal) ** 2).sum() / scale
 
         history = []
         for step in range(cfg.steps):

@@ -80,7 +80,7 @@ def confusion(matrices: dict[str, np.ndarray], networks: list[str], path: str | 
         ax.set_xlabel("predicted", fontsize=8)
     axes[0][0].set_ylabel("true network", fontsize=8)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.92))  # room for the title above the panels' own
     return _save(None, figure, path)
 
 

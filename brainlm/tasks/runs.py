@@ -397,10 +397,10 @@ def _parcel_positions(cohort: Cohort, parcels: list[str], labels: list[str] | No
 
 
 def _format(table: pd.DataFrame, columns: list[str]) -> str:
-    """A fixed-width text table: numbers with 3 decimals (p-values in 3 significant digits)."""
+    """A fixed-width text table: numbers with 3 decimals; p-values and differences in 3 significant digits."""
     def cell(column: str, value: Any) -> str:
         if isinstance(value, float | np.floating):
-            return f"{value:.3g}" if column.startswith("p") and column != "parcels" else f"{value:.3f}"
+            return f"{value:.3g}" if column in ("p", "p_fdr", "p_fwer", "difference") else f"{value:.3f}"
         return str(value)
 
     rows = [[cell(c, v) for c, v in zip(columns, values, strict=True)] for values in table[columns].itertuples(index=False)]

@@ -6,6 +6,7 @@ the same files as artifacts. `perturb --register` serves the model as `brainlm-p
 from code + safetensors and answers a perturbation spec. Nothing MLflow stores names a participant.
 """
 
+import pickle
 import re
 import shutil
 
@@ -58,6 +59,10 @@ def registered(stored, tiny):
     torch.set_num_threads(before)
 
 
+def _refuse_pickles(*args, **kwargs):
+    raise AssertionError("a pickle was read while loading the served perturbation model")
+
+
 def _rows(text: str, first_words: tuple[str, ...]) -> dict[str, list[float]]:
     """Table rows of printed output whose first word is one of `first_words`: word → its numbers."""
     rows = {}
@@ -68,7 +73,7 @@ def _rows(text: str, first_words: tuple[str, ...]) -> dict[str, list[float]]:
     return rows
 
 
-def test_interpretation_commands_report_and_track_without_participant_ids(registered, capsys, tmp_path,
+def test_interpretation_commands_report_and_track_without_participant_ids(registered, capsys, tmp_path, monkeypatch,
                                                                           assert_no_participant_ids):
     settings, cohort = registered
     champion = f"models:/{settings.mlflow.pretrained_model}@champion"
@@ -116,7 +121,10 @@ def test_interpretation_commands_report_and_track_without_participant_ids(regist
     assert networks_run.data.params["labels"] == "yeo7" and networks_run.data.tags["model"] == champion
     assert {"confusion.png", "networks_table.tsv"} <= {a.path for a in client.list_artifacts(networks_run.info.run_id)}
 
-    served = mlflow.pyfunc.load_model("models:/brainlm-perturbation@challenger")
+    with monkeypatch.context() as patched:  # the served model is code + safetensors: no pickle is read
+        for module, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+            patched.setattr(module, name, _refuse_pickles)
+        served = mlflow.pyfunc.load_model("models:/brainlm-perturbation@challenger")
     signals = np.random.default_rng(0).standard_normal((2, cohort.n_parcels, 100)).astype(np.float32)
     spec = np.zeros((cohort.n_parcels, 100), np.float32)
     answer = served.predict({"signals": signals, "coords": cohort.atlas.coords, "perturbation": spec},

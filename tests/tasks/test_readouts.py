@@ -1,16 +1,20 @@
 """Attention read-outs, network scoring and perturbation parts, on untrained tiny models (fast, no training)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from fixtures_cohort import make_cohort
 
 from brainlm.config import NetworksConfig, PerturbConfig, preset
 from brainlm.data.atlas import Atlas
+from brainlm.data.store import open_cohort
 from brainlm.model import BrainLM
 from brainlm.tasks.attention import AttentionError, attention_weights, cls_attention, untrained_like, windows
 from brainlm.tasks.networks import (
     NetworksError,
     feature_rows,
+    identify_networks,
     labelled_parcels,
     parcel_attention,
     score_networks,
@@ -126,6 +130,18 @@ def test_feature_rows_ignore_the_diagonal_and_compare_shapes():
     assert np.allclose(rows.mean(1), 0) and np.allclose(rows.std(1), 1)
     assert np.allclose(feature_rows(m * 10 + 5), rows)  # scale and offset do not matter
     assert np.allclose(feature_rows(np.diag([1.0, 2, 3]) + 0.5), 0)  # a diagonal alone carries nothing
+
+
+def test_a_model_reads_an_atlas_it_never_saw(model, tmp_path):
+    """The model knows parcels only by their centroids: 6-parcel training, a 12-parcel atlas of its own here."""
+    cohort_path = make_cohort(tmp_path / "other", n_participants=3, parcels=12, timepoints=120)
+    atlas = pd.read_csv(cohort_path / "atlas.tsv", sep="\t")
+    atlas["lab_networks"] = ["A", "B", "C"] * 4
+    atlas.to_csv(cohort_path / "atlas.tsv", sep="\t", index=False)
+    result = identify_networks(model, open_cohort(cohort_path), NetworksConfig(labels="lab_networks", folds=2))
+    assert result.column == "lab_networks" and len(result.labels) == 12
+    assert set(result.scores) == {"attention", "fc", "untrained", "coordinates"}
+    assert result.matrices["attention"].shape == (12, 12)
 
 
 def test_untrained_reference_is_seeded_and_leaves_the_global_rng_alone(model):

@@ -26,11 +26,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -e '.[dev]' -c constraints.txt
 	touch $@
 
-# Prefect keeps the demo's flow runs under .brainlm/prefect, the same home `make serve` uses, so its UI shows them.
+# Prefect keeps the demo's flow runs under .brainlm/prefect, the same home `make serve` uses, so its UI shows them
+# (flows/demo.py creates the folder). The demo writes only untracked, git-ignored files in this checkout.
 demo: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.brainlm/prefect $(BIN)/python -m flows.demo
 
+# The layering rules first (import-linter contracts in pyproject.toml: DESIGN.md's one home per concern).
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -44,6 +47,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check brainlm flows bench tests
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .brainlm

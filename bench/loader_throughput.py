@@ -1,12 +1,13 @@
-"""Loader throughput alone: windows/s of DataLoader(WindowDataset) for several worker counts.
+"""Loader throughput alone: windows/s of the training DataLoader for several worker counts.
 
 The training loader must never starve the GPU: the target is at least 5x the training rate. This times the
-same pieces training uses (`open_cohort` + `WindowDataset`: memory-mapped random crops; a DataLoader with
-pinned memory on CUDA and persistent workers) and nothing else: no model, no copy to the GPU.
+same pieces training uses (`open_cohort` + `brainlm.engine.RandomCrops` drawn by `StepSampler`: memory-mapped
+random crops, one batch per step; a DataLoader with pinned memory on CUDA and persistent workers) and nothing
+else: no model, no copy to the GPU.
 
-By default it writes a throwaway cohort straight to the store contract in DESIGN.md (random float32
+By default it writes a throwaway cohort with the store's own writers (`brainlm.data.store`: random float32
 parcels x time recordings; the values do not change read speed), because `brainlm ingest` needs Great
-Expectations, DVC and nilearn, which the GPU machine lacks. `--cohort` times any stored cohort instead, e.g.
+Expectations, DVC and nilearn, which a bare GPU machine lacks. `--cohort` times any stored cohort instead, e.g.
 one from `brainlm synth` + `brainlm ingest`. The page cache is warm after the first pass: this measures the CPU
 side (crop, copy, collate, pin), not a cold disk.
 
@@ -17,7 +18,6 @@ side (crop, copy, collate, pin), not a cold disk.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import tempfile
@@ -25,51 +25,42 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from brainlm.data import store
 from brainlm.data.atlas import Atlas, load_atlas
-from brainlm.data.store import WindowDataset, open_cohort
+from brainlm.data.store import open_cohort
+from brainlm.engine import RandomCrops, StepSampler
 
 TARGET_RATIO = 5.0  # the issue: the loader alone at least 5x the training rate
 
 
 def write_cohort(path: Path, recordings: int, parcels: int, timepoints: int, seed: int = 0) -> Path:
-    """A stored cohort per DESIGN.md "Stored cohort": recordings/*.npy, manifest.csv, atlas, phenotypes."""
+    """A stored cohort of random float32 parcels × time recordings, written by the store's own writers."""
     rng = np.random.default_rng(seed)
-    (path / "recordings").mkdir(parents=True)
     atlas = load_atlas("A424")
     if parcels != atlas.n_parcels:  # any parcel count: a made-up atlas with random centroids
         atlas = Atlas(name=f"bench{parcels}", index=np.arange(1, parcels + 1),
                       names=[f"P{i + 1}" for i in range(parcels)],
                       coords=rng.uniform(-60, 60, (parcels, 3)).astype(np.float32))
-    atlas.to_tsv(path / "atlas.tsv")
-    lines = ["recording,participant,condition,timepoints,parcels,checksum,source"]
+    rows = []
     for r in range(recordings):
         participant, recording = f"sub-{r + 1:05d}", f"sub-{r + 1:05d}_task-rest_run-1"
         array = rng.standard_normal((parcels, timepoints), dtype=np.float32)  # robust-scaled data look like this
-        np.save(path / "recordings" / f"{recording}.npy", array)
-        checksum = hashlib.sha256(array.tobytes()).hexdigest()
-        lines.append(f"{recording},{participant},rest,{timepoints},{parcels},{checksum},{recording}.npy")
-    (path / "manifest.csv").write_text("\n".join(lines) + "\n")
-    (path / "participants.tsv").write_text(
-        "participant_id\tage\n" + "".join(f"sub-{r + 1:05d}\t{30 + r % 40}\n" for r in range(recordings)))
-    (path / "cohort.json").write_text(json.dumps({
-        "name": path.name, "n_recordings": recordings, "n_participants": recordings, "n_parcels": parcels,
-        "atlas": atlas.name, "scaling": "none (random bench data)", "brainlm_version": "bench",
-    }))
-    return path
+        store.write_recording(path, recording, array)
+        rows.append(store.manifest_row(recording, participant, "rest", f"{recording}.npy", array))
+    participants = pd.DataFrame({"participant_id": [row["participant"] for row in rows],
+                                 "age": [30 + r % 40 for r in range(recordings)]})
+    return store.write_cohort(path, pd.DataFrame(rows), atlas, participants, scaling="none (random bench data)")
 
 
-def time_loader(dataset: WindowDataset, batch: int, workers: int, pin: bool, batches: int,
+def time_loader(dataset: RandomCrops, batch: int, workers: int, pin: bool, batches: int,
                 warmup: int) -> dict[str, float]:
-    """Windows/s over `batches` batches, after `warmup` batches that start the workers and fill the cache."""
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                        pin_memory=pin, persistent_workers=workers > 0)
-    needed = warmup + batches
-    if len(loader) < needed:
-        raise SystemExit(f"{len(dataset)} windows give {len(loader)} batches of {batch}; need {needed}: "
-                         f"raise --recordings or --crops")
+    """Windows/s over `batches` batches (steps), after `warmup` that start the workers and fill the cache."""
+    loader = DataLoader(dataset, batch_size=batch, sampler=StepSampler(0, warmup + batches, batch),
+                        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -101,8 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parcels", type=int, default=424)
     p.add_argument("--timepoints", type=int, default=490, help="TRs per generated recording")
     p.add_argument("--window", type=int, default=200)
-    p.add_argument("--crops", type=int, default=None,
-                   help="crops_per_recording (default: enough for the warm-up and timed batches)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="DataLoader worker counts (default: 0 1 2 4 ... up to the CPU count)")
@@ -136,10 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                               args.timepoints))
             print(f"wrote a {args.recordings}-recording cohort ({args.parcels} parcels x {args.timepoints} TRs) "
                   f"in {time.perf_counter() - t0:.1f} s")
-        needed = (args.warmup + args.batches) * args.batch
-        crops = args.crops or -(-needed // len(cohort.recording_ids))  # ceil: one epoch covers the timing
-        dataset = WindowDataset(cohort, cohort.recording_ids, args.window, crops, seed=0)
-        print(f"{len(dataset)} windows ({crops} per recording) of {cohort.n_parcels} x {args.window} float32 "
+        dataset = RandomCrops(cohort, cohort.recording_ids, args.window, seed=0)
+        print(f"random crops of {len(cohort.recording_ids)} recordings, {cohort.n_parcels} x {args.window} float32 "
               f"({cohort.n_parcels * args.window * 4 / 1e6:.2f} MB each); batch {args.batch}; pin_memory={pin}; "
               f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, 1-min load average {os.getloadavg()[0]:.1f}")
         print(f"{'workers':>7} {'windows/s':>10} {'ms/batch':>9} {'MB/s':>8}" + (f" {'x train':>8}" if rate else ""))

@@ -1,6 +1,6 @@
 """Pretraining throughput: windows/s, tokens/s, step time, peak memory and model FLOP utilisation (MFU).
 
-Times exactly `brainlm.train.train_step` (the step the trainer runs: bf16 autocast on CUDA, fused AdamW, grad
+Times exactly `brainlm.engine.train_step` (the step the trainer runs: bf16 autocast on CUDA, fused AdamW, grad
 clipping, no host sync) on synthetic batches that already sit on the device; the loader is measured on its
 own by bench/loader_throughput.py. FLOPs per window are counted once with `torch.utils.flop_counter` on a
 forward + backward of one window (model FLOPs: activation-checkpointing recompute is not counted), so MFU is
@@ -39,8 +39,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from brainlm.config import ModelConfig, TrainConfig, preset
+from brainlm.engine import build_optimizer, build_scheduler, train_step
 from brainlm.model import BrainLM
-from brainlm.train import build_optimizer, lr_lambda, train_step
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets. Matched in order as
 # substrings of torch.cuda.get_device_name(), so the more specific names come first.
@@ -63,7 +63,7 @@ GPU_PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION}
 
-# The pretraining run the issue prices: 77k recordings × 100 epochs, one window per recording per epoch.
+# The reference run: 77k recordings × 100 epochs (one window per recording per epoch) in 12 GPU-hours.
 RUN_RECORDINGS, RUN_EPOCHS, RUN_BUDGET_GPU_HOURS = 77_000, 100, 12.0
 
 # FlopCounterMode knows the CUDA SDPA kernels (flash, memory-efficient, cuDNN) but not the CPU flash kernel,
@@ -184,7 +184,7 @@ def count_flops_per_window(cfg: ModelConfig, parcels: int, device: torch.device)
 
 
 class Trainer:
-    """One model + optimizer + scheduler + synthetic device batch, stepped through brainlm.train.train_step."""
+    """One model + optimizer + scheduler + synthetic device batch, stepped through brainlm.engine.train_step."""
 
     def __init__(self, cfg: ModelConfig, tcfg: TrainConfig, batch: int, parcels: int, total_steps: int,
                  device: torch.device, compile_model: bool):
@@ -192,7 +192,7 @@ class Trainer:
         with torch.device(device):
             model = BrainLM(cfg)
         self.optimizer = build_optimizer(model, tcfg, device)  # on the plain module: parameter names unchanged
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total_steps, tcfg))
+        self.scheduler = build_scheduler(self.optimizer, dataclasses.replace(tcfg, steps=total_steps))
         self.model = torch.compile(model) if compile_model else model
         self.signals = torch.randn(batch, parcels, cfg.window, device=device)
         self.coords = torch.randn(parcels, 3, device=device) * 50  # MNI-like mm

@@ -1,4 +1,4 @@
-"""Profile one training step (`brainlm.train.train_step`) with torch.profiler and print the top ops.
+"""Profile one training step (`brainlm.engine.train_step`) with torch.profiler and print the top ops.
 
 Default: the tiny preset on the CPU, which is where waste shows without a GPU: host-side copies, float64,
 rebuilt tables, syncs. On CUDA the table is sorted by device time instead.
@@ -15,8 +15,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from brainlm.config import TrainConfig, preset
+from brainlm.engine import build_optimizer, build_scheduler, train_step
 from brainlm.model import BrainLM
-from brainlm.train import build_optimizer, lr_lambda, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> str:
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
     cfg = preset(args.preset, mask_ratio=args.mask)
-    tcfg = TrainConfig(batch_size=args.batch, compile=args.compile, use_gpu=cuda)
+    tcfg = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch, compile=args.compile, use_gpu=cuda)
     model = BrainLM(cfg).to(device)
     optimizer = build_optimizer(model, tcfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup + args.steps, tcfg))
+    scheduler = build_scheduler(optimizer, tcfg)
     stepped = torch.compile(model) if args.compile else model
     signals = torch.randn(args.batch, args.parcels, cfg.window, device=device)
     coords = torch.randn(args.parcels, 3, device=device) * 50

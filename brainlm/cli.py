@@ -1,15 +1,24 @@
 """`brainlm ...`: each subcommand is a thin call into the library.
 
 Imports are lazy so `brainlm presets` answers in a second instead of loading Ray, MLflow and nilearn.
-Expected failures (bad input, missing cohort, unknown preset) print one clear message and exit non-zero;
-anything else is a bug and keeps its traceback.
+Expected failures (bad input, missing cohort, unknown preset, a value out of range) print one line naming
+what is wrong (the option, for a bad option) and exit non-zero; anything else is a bug and keeps its traceback.
+`brainlm pretrain`'s options are generated from the configs (`brainlm.config.run_options`), so every
+TrainConfig field is an option and its default is the config's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any
+
+# Shorter names for two TrainConfig options (the field's own name works as well).
+OPTION_ALIASES = {"num_workers": "--workers", "use_gpu": "--gpu"}
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -68,6 +77,29 @@ def cmd_data_checkout(args: argparse.Namespace) -> None:
     print(f"data/ restored to version {args.rev}")
 
 
+def cmd_data_du(args: argparse.Namespace) -> None:
+    from brainlm.data.versioning import footprint
+
+    places = footprint()
+    print(f"{'place':<7} {'files':>7} {'size':>10} {'on disk':>10}  location")
+    for p in places:
+        disk = "-" if p.disk is None else _size(p.disk)
+        shared = f"  ({p.linked} files are hard links of the ones above: no extra bytes)" if p.linked else ""
+        print(f"{p.name:<7} {p.files:>7} {_size(p.size):>10} {disk:>10}  {p.location}{shared}")
+    local = sum(p.disk for p in places if p.disk is not None)
+    print(f"on this machine: {_size(local)} (size: what the files hold; on disk: blocks allocated, each "
+          f"hard-linked file counted once)")
+
+
+def _size(n: float) -> str:
+    """Bytes in decimal units: 950 B, 3.7 MB, 1.6 GB."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
 def cmd_data_export(args: argparse.Namespace) -> None:
     from brainlm.data.export import export_cohort
 
@@ -76,23 +108,21 @@ def cmd_data_export(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from brainlm.config import TrainConfig, preset
-    from brainlm.pipelines import pretrain, with_overrides
+    from brainlm.config import run_configs, run_options
 
-    # Options left unset keep the preset's / TrainConfig's value (the same rule the Prefect flow uses).
-    model_cfg = with_overrides(preset(args.preset), mask_ratio=args.mask_ratio)
-    train_cfg = with_overrides(
-        TrainConfig(), epochs=args.epochs, batch_size=args.batch_size, num_workers=args.workers,
-        use_gpu=args.gpu or None, lr=args.lr, seed=args.seed,
-    )
+    # Options left unset (None) keep the preset's / TrainConfig's value, as in the Prefect flow.
+    model_cfg, train_cfg = run_configs(args.preset, **{name: getattr(args, name) for name in run_options()})
+    from brainlm.pipelines import pretrain  # only now: loads Ray, MLflow and DVC
+
     result = pretrain(args.cohort, model_cfg, train_cfg, preset_name=args.preset)
     print(result.summary())
 
 
 def cmd_models(args: argparse.Namespace) -> None:
+    from brainlm.config import load_settings
     from brainlm.registry import list_models
 
-    rows = list_models()
+    rows = list_models(settings=load_settings())
     if not rows:
         print("no registered models yet: run `brainlm pretrain --cohort NAME` (or `make demo`) first")
     for m in rows:
@@ -103,74 +133,155 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
+    from brainlm.config import load_settings
     from brainlm.registry import promote
 
-    promote(args.name, args.version, alias=args.alias)
+    promote(args.name, args.version, alias=args.alias, settings=load_settings())
     print(f"{args.name} version {args.version} is now @{args.alias}")
 
 
-def _layer(text: str) -> int | None:
-    """--layer: a block index (negative counts from the end) or "mean" for the average over blocks."""
-    return None if text == "mean" else int(text)
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from brainlm.config import ClinicalConfig, ForecastConfig, with_options
+    from brainlm.errors import ConfigError
+
+    # Options left unset (None) keep the task config's value; only the asked task's config is built.
+    options = {"steps": args.steps, "seed": args.seed, "models": args.models, "device": "cuda" if args.gpu else None}
+    if args.task == "forecast":
+        clinical_only = [f"--{name}" for name in ("target", "folds", "pooling") if getattr(args, name) is not None]
+        if clinical_only:
+            raise ConfigError(f"{', '.join(clinical_only)}: only for --task clinical")
+        configs = {"forecast_cfg": with_options(ForecastConfig(), **options)}
+    else:
+        configs = {"clinical_cfg": with_options(ClinicalConfig(), target=args.target, folds=args.folds,
+                                                pooling=args.pooling, **options)}
+    from brainlm.evaluate import evaluate  # only now: loads MLflow and DVC
+
+    result = evaluate(args.task, args.cohort, args.model, **configs)
+    print()
+    print(result.summary())
 
 
 def cmd_networks(args: argparse.Namespace) -> None:
-    from brainlm.config import NetworksConfig
-    from brainlm.tasks.runs import run_networks
+    from brainlm.config import NetworksConfig, with_options
 
-    cfg = NetworksConfig(
-        labels=args.labels, source=args.source, layer=args.layer, neighbours=args.neighbours, folds=args.folds,
-        max_recordings=args.max_recordings, max_windows=args.max_windows, seed=args.seed,
-    )
+    cfg = with_options(NetworksConfig(), **_config_options(args, NetworksConfig))
+    from brainlm.interpret import run_networks  # only now: loads MLflow
+
     print(run_networks(args.cohort, cfg, model_uri=args.model, report_dir=args.report).summary())
 
 
 def cmd_attention(args: argparse.Namespace) -> None:
-    from brainlm.config import AttentionConfig
-    from brainlm.tasks.runs import run_attention
+    from brainlm.config import AttentionConfig, with_options
 
-    cfg = AttentionConfig(layer=args.layer, resolution=args.resolution, max_windows=args.max_windows,
-                          permutations=args.permutations, alpha=args.alpha, networks=args.networks, seed=args.seed)
+    cfg = with_options(AttentionConfig(), **_config_options(args, AttentionConfig))
+    from brainlm.interpret import run_attention
+
     groups = tuple(args.groups) if args.groups else None
-    report = run_attention(args.cohort, args.by, groups, args.threshold, cfg, model_uri=args.model,
-                           report_dir=args.report)
-    print(report.summary())
+    print(run_attention(args.cohort, args.by, groups, args.threshold, cfg, model_uri=args.model,
+                        report_dir=args.report).summary())
 
 
 def cmd_perturb(args: argparse.Namespace) -> None:
-    from brainlm.config import PerturbConfig
+    from brainlm.config import PerturbConfig, with_options
     from brainlm.errors import ConfigError
-    from brainlm.tasks.runs import register_perturbation_model, run_drive, run_perturb
 
-    cfg = PerturbConfig(
-        mode=args.mode, representation=args.representation, sparsity=args.sparsity, steps=args.steps, lr=args.lr,
-        horizon=args.horizon, max_recordings=args.max_recordings, max_windows=args.max_windows,
-        networks=args.networks, seed=args.seed,
-    )
+    cfg = with_options(PerturbConfig(), **_config_options(args, PerturbConfig))
+    if args.by and args.threshold is None and not (args.source and args.target):
+        raise ConfigError("--by needs --source A --target B (two values of the column) or --threshold X")
+    if not (args.by or args.drive or args.register):
+        raise ConfigError("brainlm perturb needs --by COLUMN --source A --target B, --drive PARCELS, or --register")
+    from brainlm.interpret import register_perturbation_model, run_drive, run_perturb
+
     if args.drive:
         parcels = [p.strip() for p in args.drive.split(",") if p.strip()]
-        report = run_drive(args.cohort, parcels, args.signal, args.amplitude, args.period, cfg,
-                           model_uri=args.model, report_dir=args.report)
-        print(report.summary())
+        print(run_drive(args.cohort, parcels, args.signal, args.amplitude, args.period, cfg, model_uri=args.model,
+                        report_dir=args.report).summary())
     elif args.by:
-        if args.threshold is None and not (args.source and args.target):
-            raise ConfigError("--by needs --source A --target B (two values of the column) or --threshold X")
         groups = (args.source, args.target) if args.threshold is None else None
-        report = run_perturb(args.cohort, args.by, groups, args.threshold, cfg, model_uri=args.model,
-                             report_dir=args.report)
-        print(report.summary())
-    elif not args.register:
-        raise ConfigError("brainlm perturb needs --by COLUMN --source A --target B, --drive PARCELS, or --register")
+        print(run_perturb(args.cohort, args.by, groups, args.threshold, cfg, model_uri=args.model,
+                          report_dir=args.report).summary())
     if args.register:
         version = register_perturbation_model(args.cohort, args.model)
-        print(f"registered {version.name} version {version.version} @challenger (serving: brainlm/serving_perturbation.py)")
+        print(f"registered {version.name} version {version.version} @challenger (serving: "
+              f"brainlm/serving_perturbation.py)")
+
+
+def _config_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of config `cls` as the command's options set them (None: keep the config's value)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `brainlm pretrain: error: argument --lr: invalid float value: 'x'`."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type, fields: dict[str, dataclasses.Field],
+                       default_note: str | None = None) -> None:
+    """One option per config field: `--batch-size N` for `batch_size`, typed from the field's annotation.
+
+    Every option defaults to None (= keep the config's value); the help shows the field's description,
+    allowed range and default (`default_note` instead, e.g. "the preset's"; a field whose default is None says
+    in its description what leaving it unset means).
+    """
+    hints = typing.get_type_hints(cls)
+    for name, f in fields.items():
+        hint = hints[name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        names = [OPTION_ALIASES[name]] if name in OPTION_ALIASES else []
+        names.append("--" + name.replace("_", "-"))
+        default = default_note or _shown(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        allowed = f.metadata.get("within") or (f.metadata.get("choices") and "/".join(f.metadata["choices"]))
+        notes = [*([f"default {default}"] if default != "None" else []), *([f"allowed {allowed}"] if allowed else [])]
+        help_text = f"{f.metadata.get('help', '')}" + (f" ({', '.join(notes)})" if notes else "")
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is tuple:
+            items = typing.get_args(hint)
+            kwargs |= {"nargs": len(items), "type": items[0], "metavar": "X"}
+        else:
+            kwargs |= {"type": hint, "metavar": "N" if hint is int else "X"}
+        parser.add_argument(*names, **kwargs)
+
+
+def _interpretation_parser(sub: argparse._SubParsersAction, name: str, cls: type, help_text: str,
+                           description: str) -> argparse.ArgumentParser:
+    """An interpretation command: the cohort, the model, the report folder, and one option per field of `cls`."""
+    s = sub.add_parser(name, help=help_text, description=f"{description} Tracked in MLflow with a report folder.")
+    s.add_argument("--cohort", required=True, help="a stored cohort's name (or its folder)")
+    s.add_argument("--model", default=None,
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: models:/brainlm-pretrained@champion)")
+    s.add_argument("--report", default=None, help="report folder (default: reports/<run name> in the brainlm home)")
+    add_config_options(s.add_argument_group(name), cls, {f.name: f for f in dataclasses.fields(cls)})
+    return s
+
+
+def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest → the option that sets it (its first spelling), for naming an option in an error."""
+    return {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # The interpretation commands' defaults come from their configs (brainlm.config imports nothing heavy).
-    from brainlm.config import AttentionConfig, NetworksConfig, PerturbConfig
+    from brainlm.config import (
+        CLINICAL_MODELS,
+        CLINICAL_TARGETS,
+        FORECAST_MODELS,
+        POOLINGS,
+        PRESETS,
+        TASKS,
+        AttentionConfig,
+        ModelConfig,
+        NetworksConfig,
+        PerturbConfig,
+        TrainConfig,
+        run_options,
+    )
 
-    p = argparse.ArgumentParser(prog="brainlm", description=__doc__.splitlines()[0])
+    p = Parser(prog="brainlm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("presets", help="model presets with their parameter counts").set_defaults(fn=cmd_presets)
@@ -203,22 +314,80 @@ def build_parser() -> argparse.ArgumentParser:
     s = d.add_parser("checkout", help="restore data/ to a version")
     s.add_argument("rev")
     s.set_defaults(fn=cmd_data_checkout)
+    d.add_parser("du", help="where the cohort bytes live (store, DVC cache, remote) and how much each "
+                 "takes").set_defaults(fn=cmd_data_du)
     s = d.add_parser("export", help="write a stored cohort back out as .npy files + manifest.csv")
     s.add_argument("--cohort", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_data_export)
 
-    s = sub.add_parser("pretrain", help="pretrain BrainLM on a stored cohort (Ray Train) and register it")
-    s.add_argument("--cohort", required=True)
-    s.add_argument("--preset", default="tiny")
-    s.add_argument("--epochs", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--workers", type=int, default=None, help="Ray Train workers")
-    s.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--mask-ratio", type=float, default=None)
-    s.add_argument("--seed", type=int, default=None)
+    s = sub.add_parser("pretrain", help="pretrain BrainLM on a stored cohort (Ray Train) and register it",
+                       description="Pretrain BrainLM on a stored cohort with Ray Train and register the result. "
+                                   "Training runs for --steps optimiser steps; every --eval-every steps it is "
+                                   "evaluated, checkpointed and logged to MLflow.")
+    s.add_argument("--cohort", required=True, help="a stored cohort's name (or its folder)")
+    s.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (default: tiny)")
+    options = run_options()
+    model_fields = {k: f for k, f in options.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+    add_config_options(s.add_argument_group("model (changes to the preset)"), ModelConfig, model_fields,
+                       default_note="the preset's")
+    add_config_options(s.add_argument_group("training"), TrainConfig,
+                       {k: f for k, f in options.items() if k not in model_fields})
     s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("evaluate", help="forecasting or clinical prediction: BrainLM against its baselines on the "
+                                        "same subjects, each model logged and registered",
+                       description="Fine-tune the model and fit every baseline on the same subject-level split, "
+                                   "print one row per model, log every model to MLflow and register it.")
+    s.add_argument("--task", choices=TASKS, required=True)
+    s.add_argument("--cohort", required=True, help="a stored cohort's name (or its folder)")
+    s.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, or a folder with a released BrainLM checkpoint")
+    s.add_argument("--target", choices=CLINICAL_TARGETS, default=None, help="clinical: the phenotype (default age)")
+    s.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help=f"a subset of the comparison (default all: forecast {' '.join(FORECAST_MODELS)}; "
+                        f"clinical {' '.join(CLINICAL_MODELS)})")
+    s.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="optimiser steps of each neural model (clinical: per fold)")
+    s.add_argument("--folds", type=int, default=None, metavar="K", help="clinical: cross-validation folds")
+    s.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="clinical: how the head reads the encoder's tokens (default connectivity)")
+    s.add_argument("--gpu", action="store_true", default=None, help="fine-tune on the GPU")
+    s.add_argument("--seed", type=int, default=None, metavar="N")
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = _interpretation_parser(sub, "networks", NetworksConfig,
+                               "classify parcels into atlas networks from the model's attention (kNN)",
+                               "Classify the cohort's parcels into an atlas's networks by kNN on the model's "
+                               "parcel-to-parcel attention, beside functional connectivity, an untrained model and "
+                               "the centroids.")
+    s.set_defaults(fn=cmd_networks)
+
+    s = _interpretation_parser(sub, "attention", AttentionConfig,
+                               "CLS-attention maps of two groups and their permutation-tested contrast",
+                               "Each recording's CLS attention over parcels; two groups from a manifest or phenotype "
+                               "column, contrasted per parcel and per network with permutations of participants "
+                               "(FDR and FWER corrected), beside an untrained model's contrast.")
+    s.add_argument("--by", required=True, help="manifest column (condition) or phenotype column (e.g. phq9)")
+    s.add_argument("--groups", nargs=2, metavar=("A", "B"), default=None, help="two values; the contrast is A − B")
+    s.add_argument("--threshold", type=float, default=None, help="numeric split: column>=X against column<X")
+    s.set_defaults(fn=cmd_attention)
+
+    s = _interpretation_parser(sub, "perturb", PerturbConfig,
+                               "in-silico perturbation with the model frozen; serve it as a model",
+                               "The sparse perturbation of source recordings that makes the frozen model represent "
+                               "them as the target group (--by), or the forecast change when parcels are driven "
+                               "with a signal (--drive); --register serves the model as brainlm-perturbation.")
+    s.add_argument("--by", default=None, help="column whose two groups are the source and the target")
+    s.add_argument("--source", default=None, help="value of --by whose recordings are perturbed")
+    s.add_argument("--target", default=None, help="value of --by whose representation is matched")
+    s.add_argument("--threshold", type=float, default=None, help="numeric split: column<X → column>=X")
+    s.add_argument("--drive", default=None, help="comma-separated parcel names or network names to drive")
+    s.add_argument("--signal", choices=("sine", "block", "constant"), default="sine")
+    s.add_argument("--amplitude", type=float, default=1.0)
+    s.add_argument("--period", type=float, default=40.0, help="TRs per cycle of the driving signal")
+    s.add_argument("--register", action="store_true", help="register the model as brainlm-perturbation (served)")
+    s.set_defaults(fn=cmd_perturb)
 
     sub.add_parser("models", help="registered models: versions, aliases, metrics, runs").set_defaults(fn=cmd_models)
 
@@ -227,81 +396,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("version")
     s.add_argument("--alias", default="champion")
     s.set_defaults(fn=cmd_promote)
-
-    model_help = "registered model, e.g. models:/brainlm-pretrained@champion (the default)"
-    s = sub.add_parser("networks", help="classify parcels into atlas networks from the model's attention (kNN)")
-    s.add_argument("--model", default=None, help=model_help)
-    s.add_argument("--cohort", required=True)
-    s.add_argument("--labels", default=None, help="atlas network column (default: yeo7, else the first)")
-    s.add_argument("--source", choices=("decoder", "encoder"), default=NetworksConfig.source,
-                   help="decoder: masked tokens' attention to visible ones; encoder: nothing masked")
-    s.add_argument("--layer", type=_layer, default=NetworksConfig.layer, help='block index, or "mean" (default) over blocks')
-    s.add_argument("--neighbours", type=int, default=NetworksConfig.neighbours)
-    s.add_argument("--folds", type=int, default=NetworksConfig.folds)
-    s.add_argument("--max-recordings", type=int, default=NetworksConfig.max_recordings, help="a seeded sample of recordings")
-    s.add_argument("--max-windows", type=int, default=NetworksConfig.max_windows, help="windows per recording, from its start")
-    s.add_argument("--seed", type=int, default=NetworksConfig.seed)
-    s.add_argument("--report", default=None, help="report folder (default: reports/<run name>)")
-    s.set_defaults(fn=cmd_networks)
-
-    s = sub.add_parser("attention", help="CLS-attention maps of two groups and their permutation-tested contrast")
-    s.add_argument("--model", default=None, help=model_help)
-    s.add_argument("--cohort", required=True)
-    s.add_argument("--by", required=True, help="manifest column (condition) or phenotype column (e.g. phq9)")
-    s.add_argument("--groups", nargs=2, metavar=("A", "B"), default=None, help="two values; the contrast is A − B")
-    s.add_argument("--threshold", type=float, default=None, help="numeric split: column>=X against column<X")
-    s.add_argument("--layer", type=_layer, default=AttentionConfig.layer, help='block index, or "mean" (default) over blocks')
-    s.add_argument("--resolution", choices=("recording", "time"), default=AttentionConfig.resolution,
-                   help="recording: attention mass per parcel; time: per parcel and time point (designs locked "
-                        "to the recording start, e.g. a block task)")
-    s.add_argument("--permutations", type=int, default=AttentionConfig.permutations)
-    s.add_argument("--alpha", type=float, default=AttentionConfig.alpha)
-    s.add_argument("--networks", default=None, help='atlas column for network tests (default: yeo7; "" for none)')
-    s.add_argument("--max-windows", type=int, default=AttentionConfig.max_windows, help="windows per recording, from its start")
-    s.add_argument("--seed", type=int, default=AttentionConfig.seed)
-    s.add_argument("--report", default=None, help="report folder (default: reports/<run name>)")
-    s.set_defaults(fn=cmd_attention)
-
-    s = sub.add_parser("perturb", help="in-silico perturbation with the model frozen; serve it as a model")
-    s.add_argument("--model", default=None, help=model_help)
-    s.add_argument("--cohort", required=True)
-    s.add_argument("--by", default=None, help="column whose two groups are the source and the target")
-    s.add_argument("--source", default=None, help="value of --by whose recordings are perturbed")
-    s.add_argument("--target", default=None, help="value of --by whose representation is matched")
-    s.add_argument("--threshold", type=float, default=None, help="numeric split: column<X → column>=X")
-    s.add_argument("--mode", choices=("parcel_time", "parcel"), default=PerturbConfig.mode)
-    s.add_argument("--representation", choices=("reconstruction", "forecast", "cls"),
-                   default=PerturbConfig.representation,
-                   help="matched: masked-patch predictions under fixed masks, the forecast of the last patches, "
-                        "or the CLS embedding")
-    s.add_argument("--sparsity", type=float, default=PerturbConfig.sparsity)
-    s.add_argument("--steps", type=int, default=PerturbConfig.steps)
-    s.add_argument("--lr", type=float, default=PerturbConfig.lr)
-    s.add_argument("--horizon", type=int, default=PerturbConfig.horizon, help="patches forecast at the end of each window")
-    s.add_argument("--drive", default=None, help="comma-separated parcel names or network names to drive")
-    s.add_argument("--signal", choices=("sine", "block", "constant"), default="sine")
-    s.add_argument("--amplitude", type=float, default=1.0)
-    s.add_argument("--period", type=float, default=40.0, help="TRs per cycle of the driving signal")
-    s.add_argument("--max-recordings", type=int, default=PerturbConfig.max_recordings, help="per group (drive: in all)")
-    s.add_argument("--max-windows", type=int, default=PerturbConfig.max_windows, help="windows per recording, from its start")
-    s.add_argument("--networks", default=None, help='atlas column to rank networks (default: yeo7; "" for none)')
-    s.add_argument("--seed", type=int, default=PerturbConfig.seed)
-    s.add_argument("--register", action="store_true", help="register the model as brainlm-perturbation (served)")
-    s.add_argument("--report", default=None, help="report folder (default: reports/<run name>)")
-    s.set_defaults(fn=cmd_perturb)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from brainlm.errors import BrainLMError
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from brainlm.errors import BrainLMError, ConfigError
 
     try:
         args.fn(args)
     except BrainLMError as e:  # expected, user-facing failures: one clear message, no traceback
-        print(f"brainlm {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        options = _option_names(_subparser(parser, args))
+        if isinstance(e, ConfigError) and e.field in options and getattr(args, e.field, None) is not None:
+            message = f"{options[e.field]} {_shown(e.value)}: {e.rule}"  # the user's option, not the field
+        print(f"brainlm {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser whose options `args` came from (e.g. `brainlm data export`'s)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _subparser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
+def _shown(value: Any) -> str:
+    """A value as it was typed on the command line: `0.9 1.2` for a pair."""
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 if __name__ == "__main__":

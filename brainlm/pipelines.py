@@ -2,7 +2,7 @@
 
     pretrain(cohort, preset or ModelConfig, TrainConfig)
         load_cohort      open the stored cohort                         (CohortError naming the path)
-        check_cohort     parcels match the atlas, every recording fills a window
+        check_cohort     parcels match the atlas, every recording fills a window, the split has validation
         train            MLflow run (config as params; cohort, data version, preset as tags) + Ray Train fit
         register         log the checkpoint as a model version, aliased challenger; close the run
 
@@ -12,13 +12,9 @@ Participant ids never reach MLflow: run params and tags are checked against the 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +23,7 @@ from brainlm import registry
 from brainlm.config import ModelConfig, Settings, SynthConfig, TrainConfig, load_settings, preset, to_dict
 from brainlm.data.store import Cohort, CohortError, open_cohort
 from brainlm.errors import BrainLMError
-from brainlm.train import FitResult, fit
+from brainlm.launcher import FitResult, fit
 
 
 class PrivacyError(BrainLMError):
@@ -62,7 +58,8 @@ class PretrainResult:
         return "\n".join([
             f"registered {self.model_name} version {self.version} @{self.alias} (MLflow run {self.run_id})",
             f"  val masked MSE {m['val_masked_mse']:.4f}  R² {m['val_masked_r2']:.3f}  "
-            f"(predicting zero: {m['val_zero_mse']:.4f}) after {int(m['epochs'])} epochs",
+            f"(predicting zero: {m['val_zero_mse']:.4f})",
+            f"  trained     {int(m['steps'])} optimiser steps, {int(m['windows'])} windows",
             f"  cohort      {self.cohort_path}  (data version {self.data_version or registry.UNVERSIONED})",
             f"  checkpoint  {self.checkpoint_dir}",
             f"  tracking    {self.tracking_uri}",
@@ -89,7 +86,7 @@ def pretrain(
     model_cfg, preset_name = resolve_model(model, preset_name)
     train_cfg = train_cfg or TrainConfig()
     opened = load_cohort(cohort, settings)
-    check_cohort(opened, model_cfg)
+    check_cohort(opened, model_cfg, train_cfg)
     trained = train(opened, model_cfg, train_cfg, preset_name=preset_name, settings=settings)
     return register(trained, opened, model_cfg, preset_name=preset_name, settings=settings)
 
@@ -106,12 +103,13 @@ def load_cohort(name_or_path: str | Path, settings: Settings | None = None) -> C
     return open_cohort(name_or_path, settings)
 
 
-def check_cohort(cohort: Cohort, model_cfg: ModelConfig) -> None:
+def check_cohort(cohort: Cohort, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None) -> None:
     """Refuse a cohort the model cannot train on, naming the cohort path and the offending recordings.
 
     Every stored recording must be there as float32 with the atlas's parcel count (so the spatial embedding
     has a centroid for each row; `Cohort.recording` checks this) and have at least `model_cfg.window`
-    timepoints (so a training window fits). Only the .npy headers are read (memory-mapped).
+    timepoints (so a training window fits). Only the .npy headers are read (memory-mapped). With `train_cfg`,
+    its split must leave both training and validation participants.
     """
     too_short = []
     for recording_id in cohort.recording_ids:
@@ -121,7 +119,14 @@ def check_cohort(cohort: Cohort, model_cfg: ModelConfig) -> None:
     if too_short:
         raise CohortError(f"cohort {cohort.path}: {len(too_short)} recording(s) shorter than the model's "
                           f"{model_cfg.window}-TR window, e.g. {', '.join(too_short[:5])}; re-ingest with "
-                          f"--min-timepoints {model_cfg.window} or use a model with a shorter window")
+                          f"--min-timepoints {model_cfg.window} or use a model with a shorter window (--window)")
+    if train_cfg is not None:
+        split = cohort.split(train_cfg.val_fraction, train_cfg.test_fraction, train_cfg.seed)
+        if not split["train"] or not split["val"]:
+            raise CohortError(f"cohort {cohort.path}: {len(cohort.participants)} participant(s) leave no "
+                              f"{'validation' if split['train'] else 'training'} participants (val_fraction "
+                              f"{train_cfg.val_fraction}, test_fraction {train_cfg.test_fraction}); at least "
+                              f"3 participants are needed")
 
 
 def train(
@@ -133,19 +138,19 @@ def train(
     settings: Settings | None = None,
 ) -> TrainedRun:
     """Open an MLflow run for this pretraining and fit; the run is marked FAILED if the fit raises."""
-    settings = registry.configure(settings)
+    settings = registry.configure(settings or load_settings())
     version = data_version(cohort, settings)
-    run_name = _run_name(cohort, preset_name)
+    run_name = registry.unique_run_name(cohort.name, preset_name)  # unique: never resumes an old Ray run
     # `fit` logs the full model/train config and the cohort to the run; the check covers those values too.
     config = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "cohort": cohort.name}
     params = {"preset": preset_name}
     tags = {registry.COHORT_TAG: cohort.name, registry.DATA_VERSION_TAG: version or registry.UNVERSIONED,
             registry.PRESET_TAG: preset_name, "brainlm_version": brainlm.__version__}
     check_no_participant_ids(cohort, config, params, tags, {"run_name": run_name})
-    run_id = registry.start_run(settings.mlflow.pretrain_experiment, run_name, params, tags, settings)
-    with _fail_run_on_error(run_id, settings):
-        result = fit(cohort, model_cfg, train_cfg, run_name=run_name, storage_path=settings.ray_results_dir,
-                     mlflow_run_id=run_id, resume=False)
+    run_id = registry.start_run(settings.mlflow.pretrain_experiment, run_name, params, tags, settings=settings)
+    with registry.end_run_on_error(run_id, settings=settings):
+        result = fit(cohort, model_cfg, train_cfg, settings=settings, run_name=run_name,
+                     storage_path=settings.ray_results_dir, mlflow_run_id=run_id, resume=False)
     return TrainedRun(run_id=run_id, run_name=run_name, fit=result, data_version=version)
 
 
@@ -158,30 +163,20 @@ def register(
     settings: Settings | None = None,
 ) -> PretrainResult:
     """Register the trained checkpoint as a new version of the pretrained model (alias challenger)."""
-    settings = registry.configure(settings)
+    settings = registry.configure(settings or load_settings())
     info = cohort_info(cohort)
     check_no_participant_ids(cohort, {"cohort": info.name, "atlas": info.atlas})
-    with _fail_run_on_error(trained.run_id, settings):
+    with registry.end_run_on_error(trained.run_id, settings=settings):
         version = registry.log_pretrained(
             trained.run_id, trained.fit.checkpoint_dir, model_cfg, info, trained.data_version,
             preset=preset_name, settings=settings,
         )
-    registry.end_run(trained.run_id, "FINISHED", settings)
+    registry.end_run(trained.run_id, "FINISHED", settings=settings)
     return PretrainResult(
         run_id=trained.run_id, run_name=trained.run_name, model_name=version.name, version=str(version.version),
         alias=settings.mlflow.new_alias, checkpoint_dir=trained.fit.checkpoint_dir, metrics=trained.fit.metrics,
         cohort_path=cohort.path, data_version=trained.data_version, tracking_uri=settings.tracking_uri(),
     )
-
-
-@contextlib.contextmanager
-def _fail_run_on_error(run_id: str, settings: Settings) -> Iterator[None]:
-    """Close the MLflow run as FAILED (KILLED on Ctrl-C) if the block raises; the exception propagates."""
-    try:
-        yield
-    except BaseException as e:
-        registry.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", settings)
-        raise
 
 
 def cohort_info(cohort: Cohort) -> registry.CohortInfo:
@@ -237,18 +232,18 @@ def _texts(mapping: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str
             yield from ((name, item) for item in value if isinstance(item, str))
 
 
-def _run_name(cohort: Cohort, preset_name: str) -> str:
-    """`<cohort>-<preset>-<UTC time>-<random>`: unique, so a new run never resumes an old Ray run."""
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return f"{cohort.name}-{preset_name}-{stamp}-{uuid.uuid4().hex[:6]}"
-
-
 # ---------------------------------------------------------------------------------------------- demo
 
 
 # Sized so `make demo` (synth → ingest → pretrain tiny → register) finishes in a few minutes on 2 CPU cores.
 DEMO_SYNTH = SynthConfig(subjects=24, timepoints=300, max_parcels=64, recordings_per_subject=2, seed=0)
-DEMO_TRAIN = TrainConfig(epochs=3, batch_size=16, num_workers=1)
+DEMO_TRAIN = TrainConfig(steps=200, eval_every=50, warmup_steps=20, batch_size=16, num_workers=1)
+
+
+def demo_input_dir(cohort: str, settings: Settings | None = None) -> Path:
+    """Where the demo writes its synthetic input: local state, outside the versioned `data/` (it is
+    regenerated from a seed, not a lab's data)."""
+    return (settings or load_settings()).state_dir / "raw" / cohort
 
 
 def synthesize_demo(out_dir: str | Path, cfg: SynthConfig = DEMO_SYNTH) -> Path:
@@ -306,6 +301,3 @@ def where_things_are(result: PretrainResult, settings: Settings | None = None, p
     return "\n".join(lines)
 
 
-def with_overrides(cfg: Any, **overrides: Any) -> Any:
-    """`dataclasses.replace` that skips None: options a flow or the CLI leaves unset keep the config's value."""
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,6 +1,6 @@
 """The one place that talks to MLflow: runs, metrics, model logging, the registry, loading.
 
-    configure ──> start_run ──> log_metrics (each epoch, from any process) ──> log_model ──> end_run
+    configure ──> start_run ──> log_metrics (each evaluation, from any process) ──> log_model ──> end_run
                                                                                   │
         registry:  <name>  version N  @challenger ──promote──> @champion ──load_model──> BrainLM
 
@@ -10,20 +10,26 @@ Models are logged WITHOUT pickles, as MLflow "models from code": the logged mode
 
 The functions are generic over the experiment and the registered model name, so task models (forecasting,
 regression, ...) and their baselines are logged and registered by the same code as the pretrained model.
-Where the tracking store and artifacts live comes from `mlflow.yaml` through `brainlm.config.load_settings`.
+Every function takes the `Settings` that say where the tracking store and artifacts live (`mlflow.yaml`
+through `brainlm.config.load_settings`); none reads or sets MLflow's process-wide tracking URI for later
+callers, so any process that is handed the settings (a Ray worker, say) talks to the same store.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import numpy as np
@@ -34,17 +40,20 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
-from safetensors.torch import load_file
+from mlflow.tracking._tracking_service import utils as _tracking_utils
 
 import brainlm
-from brainlm.config import ModelConfig, Settings, from_dict, load_settings, to_dict
+from brainlm import checkpoint
+from brainlm.config import ModelConfig, Settings, from_dict, to_dict
 from brainlm.errors import BrainLMError
 from brainlm.model import BrainLM
 
 SERVING_CODE = Path(__file__).with_name("serving.py")  # the code file MLflow runs to rebuild BrainLM
-WEIGHTS_FILE = "model.safetensors"
+SERVING_TASKS_CODE = Path(__file__).with_name("serving_tasks.py")  # ... and a task model (brainlm/tasks/saved.py)
+SERVING_PERTURBATION_CODE = Path(__file__).with_name("serving_perturbation.py")  # ... and the perturbation model
 CONFIG_FILE = "config.json"
 MODEL_NAME_IN_RUN = "model"
+T = TypeVar("T")
 
 # Tags every registered version carries (the lineage `brainlm models` shows).
 COHORT_TAG = "cohort"
@@ -53,14 +62,17 @@ PRESET_TAG = "preset"
 METRIC_TAG_PREFIX = "metric."
 UNVERSIONED = "unversioned"  # the data-version tag when the home is not a DVC project
 
-# What the served model needs; pinned to what is installed so a served model matches the trained one.
+# What the served model imports from a package index (serving.py → registry.py, model.py, checkpoint.py,
+# config.py), pinned to what is installed so a served model matches the trained one. brainlm is on no index: the
+# brainlm modules it imports travel inside the model (`code_paths`, see `_package_code`). torch is pinned by
+# version only: pip takes the CPU or CUDA build that the serving machine's index or wheel folder offers.
 PIP_REQUIREMENTS = [
     f"torch=={torch.__version__.split('+')[0]}",
     f"numpy=={np.__version__}",
     f"safetensors=={safetensors.__version__}",
     f"mlflow=={mlflow.__version__}",
-    f"brainlm=={brainlm.__version__}",
 ]
+PACKAGE_DIR = Path(brainlm.__file__).parent
 
 
 class RegistryError(BrainLMError):
@@ -88,19 +100,12 @@ class CohortInfo:
 # ------------------------------------------------------------------------------------ set-up, runs
 
 
-def configure(settings: Settings | None = None) -> Settings:
-    """Point MLflow at this home's tracking store and create the experiments that are missing.
+def configure(settings: Settings) -> Settings:
+    """Create the experiments `settings` names that are missing from its tracking store; returns `settings`.
 
     Experiments get `artifact_location=settings.artifact_root()`, so artifacts land under the home (or the
     S3 root mlflow.yaml names) and not in MLflow's default `./mlartifacts` of whatever the cwd happens to be.
     """
-    settings = settings or load_settings()
-    # Progress bars for kilobyte-sized model files only clutter the CLI and the demo's output.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # The fluent API (needed to log a model) reads a process-wide URI; MLflow also exports it as
-    # MLFLOW_TRACKING_URI, which Settings.tracking_uri() honours, so processes started later (Ray workers)
-    # resolve the same store.
-    mlflow.set_tracking_uri(settings.tracking_uri())
     client = _client(settings)
     for name in (settings.mlflow.pretrain_experiment, settings.mlflow.tasks_experiment):
         _experiment_id(client, name, settings)
@@ -120,41 +125,79 @@ def _experiment_id(client: MlflowClient, name: str, settings: Settings) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+@contextlib.contextmanager
+def _fluent(settings: Settings) -> Iterator[None]:
+    """MLflow's fluent API (logging a model, resolving `models:/`) on `settings`' store, for the block only.
+
+    The fluent API reads a process-wide tracking URI, and setting it also exports MLFLOW_TRACKING_URI to the
+    environment. Both are put back exactly as they were afterwards, so nothing outside this block (another
+    home's settings, a process started later) sees this store by accident.
+    """
+    before_uri = _tracking_utils._tracking_uri  # what set_tracking_uri last set (None: never)
+    before_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    # Progress bars for kilobyte-sized model files only clutter the CLI and the demo's output.
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before_env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] or "false"
+    mlflow.set_tracking_uri(settings.tracking_uri())
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before_uri)
+        for key, value in before_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def start_run(
-    experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-    settings: Settings | None = None,
+    experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], *, settings: Settings,
 ) -> str:
     """Create a run in `experiment` (created if new) with its full configuration as params; returns its id."""
-    settings = configure(settings)
-    client = _client(settings)
-    run = client.create_run(_experiment_id(client, experiment, settings), run_name=run_name, tags={k: str(v) for k, v in tags.items()})
-    log_params(run.info.run_id, params, settings)
+    client = _client(configure(settings))
+    run = client.create_run(_experiment_id(client, experiment, settings), run_name=run_name,
+                            tags={k: str(v) for k, v in tags.items()})
+    log_params(run.info.run_id, params, settings=settings)
     return run.info.run_id
 
 
-def log_params(run_id: str, params: Mapping[str, Any], settings: Settings | None = None) -> None:
+@contextlib.contextmanager
+def end_run_on_error(run_id: str, *, settings: Settings) -> Iterator[None]:
+    """Close the run as FAILED (KILLED on Ctrl-C) if the block raises; the exception propagates."""
+    try:
+        yield
+    except BaseException as e:
+        end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", settings=settings)
+        raise
+
+
+def unique_run_name(*parts: str) -> str:
+    """`<part>-<part>-...-<UTC time>-<random>`: unique, so a new run never resumes an old Ray run or report."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return "-".join([*parts, stamp, uuid.uuid4().hex[:6]])
+
+
+def log_params(run_id: str, params: Mapping[str, Any], *, settings: Settings) -> None:
     """Nested dicts (e.g. {"model": to_dict(cfg)}) become dotted keys ("model.hidden")."""
     flat = _flatten(params)
     _client(settings).log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()])
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int, settings: Settings | None = None) -> None:
-    """Log the numeric entries of `metrics` at `step`. Needs only the run id, so a Ray worker can call it."""
+def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int, *, settings: Settings) -> None:
+    """Log the numeric entries of `metrics` at `step`. Needs only the run id and settings (a Ray worker calls it)."""
     now = int(time.time() * 1000)
     entries = [Metric(k, float(v), now, step) for k, v in _numeric(_flatten(metrics)).items()]
     _client(settings).log_batch(run_id, metrics=entries)
 
 
-def log_artifacts(run_id: str, local_dir: Path, artifact_path: str | None = None,
-                  settings: Settings | None = None) -> None:
-    """Upload every file under `local_dir` (e.g. a report folder of tables and figures) to the run."""
-    _client(settings).log_artifacts(run_id, str(local_dir), artifact_path)
-
-
-def end_run(run_id: str, status: str = "FINISHED", settings: Settings | None = None) -> None:
+def end_run(run_id: str, status: str = "FINISHED", *, settings: Settings) -> None:
     """Close a run as FINISHED, FAILED or KILLED."""
     RunStatus.from_string(status)  # refuses a misspelt status before it reaches the store
     _client(settings).set_terminated(run_id, status)
+
+
+def log_artifacts(run_id: str, directory: Path, artifact_path: str | None = None, *, settings: Settings) -> None:
+    """Upload every file under `directory` to the run's artifacts (under `artifact_path`)."""
+    _client(settings).log_artifacts(run_id, str(directory), artifact_path)
 
 
 # ------------------------------------------------------------------------------------ logging models
@@ -171,21 +214,24 @@ def log_model(
     metrics: Mapping[str, float],
     tags: Mapping[str, str],
     code: Path = SERVING_CODE,
+    pip_requirements: list[str] | None = None,
     params: Mapping[str, Any] | None = None,
-    settings: Settings | None = None,
+    settings: Settings,
 ) -> ModelVersion:
     """Log safetensors weights + a JSON config as a models-from-code pyfunc, register it, alias it.
 
     The new version gets `tags`, `metrics` as `metric.<name>` tags (what `list_models` shows, so a task model
     and its baselines compare side by side) and the alias `settings.mlflow.new_alias` ("challenger").
     `code` is the file MLflow executes to rebuild the model from `context.artifacts["weights"]` and
-    `["config"]`; `params` (name → default value) become the signature's inference parameters.
+    `["config"]`; `pip_requirements` defaults to PIP_REQUIREMENTS; `params` (name → default value) become the
+    signature's inference parameters (the `params` of the served model's predict).
     The run is left FINISHED: registration is the last thing a training run does.
     """
-    settings = configure(settings)
-    with tempfile.TemporaryDirectory() as tmp:
+    configure(settings)
+    with tempfile.TemporaryDirectory() as tmp, _fluent(settings):
         config_path = Path(tmp) / CONFIG_FILE
         config_path.write_text(json.dumps(dict(config), indent=2))
+        package = _package_code(Path(code), Path(tmp) / "code")
         with mlflow.start_run(run_id=run_id):  # log_model attaches the model to the active run
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
@@ -193,7 +239,8 @@ def log_model(
                 artifacts={"weights": str(weights), "config": str(config_path)},
                 signature=infer_signature(input_example, output_example, params=dict(params) if params else None),
                 input_example=input_example,
-                pip_requirements=PIP_REQUIREMENTS,
+                pip_requirements=pip_requirements or PIP_REQUIREMENTS,
+                code_paths=[str(package)],
                 registered_model_name=registered_model_name,
             )
     client = _client(settings)
@@ -205,6 +252,61 @@ def log_model(
     return client.get_model_version(registered_model_name, version)
 
 
+def _package_code(entry: Path, dest: Path) -> Path:
+    """The brainlm modules that the model's code file `entry` imports, copied to `dest/brainlm/`.
+
+    Logged as the model's `code_paths`, they land in the model's `code/brainlm/`, which MLflow puts on `sys.path`
+    when it loads the model: an environment built from the model's own requirements.txt (index packages only)
+    then imports exactly the brainlm code that logged it. Where brainlm is already imported (training, tests),
+    the installed package keeps being used. Only what serving imports travels (followed through the package's
+    own imports), not the whole package: the model carries no data-plane or orchestration code.
+    """
+    target = dest / PACKAGE_DIR.name
+    for source in _imported_sources(entry):
+        copy = target / source.relative_to(PACKAGE_DIR)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, copy)
+    return target
+
+
+def _imported_sources(entry: Path) -> set[Path]:
+    """The brainlm source files that importing `entry` executes, directly or through one another (absolute
+    imports anywhere in a file, functions included, as the package writes them)."""
+    found: set[Path] = set()
+    todo = [entry]
+    while todo:
+        for node in ast.walk(ast.parse(todo.pop().read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                new = set(_module_sources(name)) - found
+                found |= new
+                todo += new
+    return found
+
+
+def _module_sources(name: str) -> list[Path]:
+    """Files that `import name` runs if it is a brainlm module: each package's __init__.py down to the module."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE_DIR.name:
+        return []
+    files, folder = [PACKAGE_DIR / "__init__.py"], PACKAGE_DIR
+    for part in parts[1:]:
+        folder = folder / part
+        if (folder / "__init__.py").is_file():
+            files.append(folder / "__init__.py")
+        elif folder.with_suffix(".py").is_file():
+            files.append(folder.with_suffix(".py"))
+            break
+        else:  # a name imported from a module (a function, a class), not a module
+            break
+    return files
+
+
 def log_pretrained(
     run_id: str,
     checkpoint_dir: Path,
@@ -213,18 +315,17 @@ def log_pretrained(
     data_version: str | None,
     *,
     preset: str | None = None,
-    settings: Settings | None = None,
+    settings: Settings,
 ) -> ModelVersion:
     """Register a pretraining checkpoint as `settings.mlflow.pretrained_model`, aliased challenger.
 
     The version is tagged with its cohort (name and counts), DVC data version, preset and the checkpoint's
     metrics (from its `state.json`), which is what `list_models` shows.
     """
-    settings = settings or load_settings()
     checkpoint_dir = Path(checkpoint_dir)
-    weights = checkpoint_dir / WEIGHTS_FILE
+    weights = checkpoint_dir / checkpoint.MODEL_FILE
     metrics = _checkpoint_metrics(checkpoint_dir)
-    model, _ = build_model_from_weights(model_cfg, weights)  # also proves the weights fit the config
+    model = checkpoint.load_weights(model_cfg, weights)  # also proves the weights fit the config
     example = _pretrained_example(model_cfg, cohort_info.coords)
     tags = {
         **cohort_info.as_tags(),
@@ -254,23 +355,19 @@ def predict_embedding(model: BrainLM, model_input: Mapping[str, Any]) -> dict[st
 
 
 def _checkpoint_metrics(checkpoint_dir: Path) -> dict[str, float]:
-    """The model-quality metrics of a checkpoint's last epoch (`train_*`, `val_*`) and its epoch count.
+    """The model-quality metrics of a checkpoint's last evaluation (`train_*`, `val_*`), its step and windows.
 
     Bookkeeping numbers (learning rate, throughput, seconds) stay in the run's metrics, not on the version.
     """
-    state_path = checkpoint_dir / "state.json"
-    if not state_path.exists():
-        raise RegistryError(f"{checkpoint_dir} has no state.json: not a brainlm checkpoint")
-    metrics = _numeric(_flatten(json.loads(state_path.read_text()).get("metrics", {})))
-    return {k: v for k, v in metrics.items() if k.startswith(("train_", "val_")) or k == "epoch"}
+    metrics = _numeric(_flatten(checkpoint.read_state(checkpoint_dir)["metrics"]))
+    return {k: v for k, v in metrics.items() if k.startswith(("train_", "val_")) or k in ("step", "windows")}
 
 
 # ------------------------------------------------------------------------------- registry, loading
 
 
-def promote(name: str, version: str | int, alias: str | None = None, settings: Settings | None = None) -> None:
+def promote(name: str, version: str | int, alias: str | None = None, *, settings: Settings) -> None:
     """Point `alias` (default: the production alias, "champion") at `version` of registered model `name`."""
-    settings = settings or load_settings()
     client = _client(settings)
     try:
         client.get_model_version(name, str(version))
@@ -279,23 +376,51 @@ def promote(name: str, version: str | int, alias: str | None = None, settings: S
     client.set_registered_model_alias(name, alias or settings.mlflow.production_alias, str(version))
 
 
-def load_model(
-    uri_or_name: str, alias: str | None = None, settings: Settings | None = None
-) -> tuple[BrainLM, ModelConfig]:
+def load_model(uri_or_name: str, alias: str | None = None, *, settings: Settings) -> tuple[BrainLM, ModelConfig]:
     """Rebuild BrainLM from a registered model: `models:/name@alias`, `models:/name/3`, or a name + alias.
 
     Downloads the model's files and builds the network from `config.json` + `model.safetensors`. Nothing is
     unpickled: safetensors holds raw tensors, and the config is JSON.
     """
-    settings = settings or load_settings()
-    uri = uri_or_name if ":/" in uri_or_name else f"models:/{uri_or_name}@{alias or settings.mlflow.production_alias}"
-    with tempfile.TemporaryDirectory() as tmp:
+    return load_files(uri_or_name, build_model, alias, settings=settings)
+
+
+def load_files(uri_or_name: str, build: Callable[[Path, Path], T], alias: str | None = None, *,
+               settings: Settings) -> T:
+    """`build(config_path, weights_path)` on a registered model's downloaded files (removed afterwards).
+
+    Any model logged by `log_model` works: the pretrained BrainLM (`build_model`) or a task model
+    (`brainlm.tasks.saved.load_task_model`).
+    """
+    uri = _model_uri(uri_or_name, alias, settings)
+    # MLflow resolves a `models:/` URI against its process-wide registry URI, whatever URI it is given.
+    with tempfile.TemporaryDirectory() as tmp, _fluent(settings):
         try:
             local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp, tracking_uri=settings.tracking_uri()))
         except MlflowException as e:
             raise RegistryError(f"cannot resolve {uri} in {settings.tracking_uri()}: {e.message}") from e
         files = _pyfunc_artifacts(local)
-        return build_model(files["config"], files["weights"])
+        return build(files["config"], files["weights"])
+
+
+def _model_uri(uri_or_name: str, alias: str | None, settings: Settings) -> str:
+    return uri_or_name if ":/" in uri_or_name else f"models:/{uri_or_name}@{alias or settings.mlflow.production_alias}"
+
+
+def model_version(uri_or_name: str, alias: str | None = None, *, settings: Settings) -> dict[str, Any]:
+    """The registered version a `models:/NAME@ALIAS` or `models:/NAME/N` URI points at, as a `list_models` row."""
+    uri = _model_uri(uri_or_name, alias, settings)
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    client = _client(settings)
+    try:
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as e:
+        raise RegistryError(f"cannot resolve {uri} in {settings.tracking_uri()}: {e.message}") from e
+    return _version_row(client, version)
 
 
 def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:
@@ -308,25 +433,17 @@ def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:
 
 
 def build_model(config_path: str | Path, weights_path: str | Path) -> tuple[BrainLM, ModelConfig]:
-    """BrainLM from `config.json` + `model.safetensors`, in eval mode. Shared with serving.py."""
+    """BrainLM from a logged model's `config.json` + `model.safetensors`, in eval mode. Shared with serving.py."""
     cfg = from_dict(ModelConfig, json.loads(Path(config_path).read_text()))
-    model, cfg = build_model_from_weights(cfg, Path(weights_path))
-    return model, cfg
+    return checkpoint.load_weights(cfg, weights_path), cfg
 
 
-def build_model_from_weights(cfg: ModelConfig, weights_path: Path) -> tuple[BrainLM, ModelConfig]:
-    model = BrainLM(cfg)
-    model.load_state_dict(load_file(str(weights_path)))  # strict: every key must match the config
-    return model.eval(), cfg
-
-
-def list_models(name: str | None = None, settings: Settings | None = None) -> list[dict[str, Any]]:
+def list_models(name: str | None = None, *, settings: Settings) -> list[dict[str, Any]]:
     """Every registered version (newest first), as `brainlm models` shows it.
 
     Each row: name, version, aliases, metrics (from the version's `metric.*` tags), run_id, data_version,
     cohort, preset, created (UTC ISO time).
     """
-    settings = settings or load_settings()
     client = _client(settings)
     names = [name] if name else [m.name for m in client.search_registered_models()]
     rows = []
@@ -356,8 +473,8 @@ def _version_row(client: MlflowClient, v: ModelVersion) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _client(settings: Settings | None) -> MlflowClient:
-    return MlflowClient((settings or load_settings()).tracking_uri())
+def _client(settings: Settings) -> MlflowClient:
+    return MlflowClient(settings.tracking_uri())
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The served in-silico perturbation model (`brainlm-perturbation`): an MLflow "models from code" file.
 
 The same safetensors weights + JSON config as the pretrained model, answering a different question: how does
-the frozen model's forecast change when a perturbation is added to a recording? `mlflow.pyfunc.load_model`
-executes this file and calls `load_context`; nothing is unpickled, and nothing in the package imports it.
+the frozen model's forecast change when a perturbation is added to a recording? `register_perturbation_model`
+(brainlm/interpret.py) logs it with `registry.log_model(..., code=SERVING_PERTURBATION_CODE)`, the brainlm
+modules this file imports travelling as the model's code; `mlflow.pyfunc.load_model` executes it and calls
+`load_context`. Nothing is unpickled, and nothing in the package imports this module.
 
     input   {"signals": float32 (B, P, T) robust-scaled windows, "coords": float32 (P, 3) MNI mm,
              "perturbation": float32 (P, T) added to every window (zero rows: parcels left alone)}

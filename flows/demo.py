@@ -3,16 +3,19 @@
 Runs on Prefect's temporary local server (no `prefect server` needed) and the embedded defaults: MLflow on
 SQLite and the DVC remote under `.brainlm/`, Ray Train on local CPU workers. Then prints where everything is.
 
-    .venv/bin/python -m flows.demo
+    .venv/bin/python -m flows.demo [--steps N]
 """
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 from prefect import flow, task
 from prefect.settings import PREFECT_HOME
 
 from brainlm import pipelines
-from brainlm.config import load_settings
+from brainlm.config import load_settings, to_dict
 from flows.pretrain import DEFAULT_COHORT, STEP, pretrain
 
 
@@ -27,18 +30,27 @@ def ingest(src: str, cohort: str) -> str:
 
 
 @flow(name="demo", log_prints=True)
-def demo(cohort: str = DEFAULT_COHORT, epochs: int = pipelines.DEMO_TRAIN.epochs) -> pipelines.PretrainResult:
-    """Synthesize `data/raw/<cohort>` (once), ingest it as `cohort`, pretrain the tiny preset, register it."""
+def demo(cohort: str = DEFAULT_COHORT, steps: int = pipelines.DEMO_TRAIN.steps) -> pipelines.PretrainResult:
+    """Synthesize the demo's input under `.brainlm/` (once), ingest it as `cohort`, pretrain tiny, register it."""
     settings = load_settings()
-    src = synthesize(str(settings.data_dir / "raw" / cohort))
+    src = synthesize(str(pipelines.demo_input_dir(cohort, settings)))
     ingest(src, cohort)
-    result = pretrain(
-        cohort=cohort, preset="tiny", epochs=epochs, batch_size=pipelines.DEMO_TRAIN.batch_size,
-        num_workers=pipelines.DEMO_TRAIN.num_workers,
-    )
+    result = pretrain(cohort=cohort, preset="tiny", **{**to_dict(pipelines.DEMO_TRAIN), "steps": steps})
     print(pipelines.where_things_are(result, settings, prefect_home=str(PREFECT_HOME.value())))
     return result
 
 
+def ensure_prefect_home() -> Path:
+    """Create PREFECT_HOME with its parents: Prefect makes only the last folder, and its temporary server
+    cannot open its database in a folder whose parent is missing (e.g. `.brainlm/` in a fresh clone)."""
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
 if __name__ == "__main__":
-    demo()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=pipelines.DEMO_TRAIN.steps, help="pretraining optimiser steps")
+    args = parser.parse_args()
+    ensure_prefect_home()
+    demo(steps=args.steps)

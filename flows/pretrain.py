@@ -4,7 +4,7 @@ Call it (`pretrain(cohort="demo")`), run it as a subflow (flows/demo.py), or tri
 `pretrain/default` that `make serve` serves:
 
     PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run pretrain/default \
-        -p cohort=demo -p epochs=3 --watch
+        -p cohort=demo -p steps=200 -p lr=0.001 --watch
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def load_cohort(cohort: str) -> Cohort:
 
 
 @task(name="check shape", **STEP)
-def check_shape(cohort: Cohort, model_cfg: ModelConfig) -> None:
-    pipelines.check_cohort(cohort, model_cfg)
+def check_shape(cohort: Cohort, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    pipelines.check_cohort(cohort, model_cfg, train_cfg)
 
 
 @task(name="train", **STEP)
@@ -47,18 +47,38 @@ def register(trained: pipelines.TrainedRun, cohort: Cohort, model_cfg: ModelConf
 def pretrain(
     cohort: str,
     preset: str = "tiny",
-    epochs: int = TrainConfig.epochs,
-    batch_size: int = TrainConfig.batch_size,
-    num_workers: int = TrainConfig.num_workers,
+    # brainlm.config.run_options(): the model options (None keeps the preset's value), then TrainConfig
+    window: int | None = None,
     mask_ratio: float | None = None,
+    # field for field (None keeps TrainConfig's default)
+    steps: int | None = None,
+    eval_every: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    min_lr_ratio: float | None = None,
+    warmup_steps: int | None = None,
+    weight_decay: float | None = None,
+    betas: tuple[float, float] | None = None,
+    grad_clip: float | None = None,
+    eval_crops: int | None = None,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    num_workers: int | None = None,
+    use_gpu: bool | None = None,
+    cpus_per_worker: int | None = None,
+    loader_workers: int | None = None,
+    compile: bool | None = None,
+    seed: int | None = None,
+    max_failures: int | None = None,
 ) -> pipelines.PretrainResult:
     """Pretrain BrainLM on a stored cohort (name or path) and register it as the new challenger.
 
-    mask_ratio: None keeps the preset's ratio (0.75).
+    Every other parameter is a field of the preset's ModelConfig or of TrainConfig; left at None, it keeps
+    that config's value (`brainlm pretrain --help` describes each).
     """
-    model_cfg = pipelines.with_overrides(config.preset(preset), mask_ratio=mask_ratio)
-    train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, num_workers=num_workers)
+    options = {k: v for k, v in locals().items() if k not in ("cohort", "preset")}
+    model_cfg, train_cfg = config.run_configs(preset, **options)
     opened = load_cohort(cohort)
-    check_shape(opened, model_cfg)
+    check_shape(opened, model_cfg, train_cfg)
     trained = train(opened, model_cfg, train_cfg, preset)
     return register(trained, opened, model_cfg, preset)

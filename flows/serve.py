@@ -6,7 +6,7 @@ Needs PREFECT_API_URL pointing at the server; serve.sh starts one and sets it. T
 
     PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run pretrain/default --watch
     PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run pretrain/default \
-        -p cohort=mylab -p preset=13M -p epochs=20
+        -p cohort=mylab -p preset=13M -p steps=5000 -p use_gpu=true -p num_workers=4
 
 The flows persist their results (`persist_result=True`), so `run_deployment(...).state.result()` works from
 another process. More deployments (ingest, evaluate, promote) go in `deployments()` beside this one.
@@ -25,7 +25,8 @@ def deployments() -> list[RunnerDeployment]:
     return [
         pretrain.to_deployment(
             name="default",
-            parameters={"cohort": DEFAULT_COHORT, "preset": "tiny", "epochs": pipelines.DEMO_TRAIN.epochs},
+            parameters={"cohort": DEFAULT_COHORT, "preset": "tiny", "steps": pipelines.DEMO_TRAIN.steps,
+                        "eval_every": pipelines.DEMO_TRAIN.eval_every},
             description="Pretrain BrainLM on a stored cohort and register it as the new challenger.",
             tags=["brainlm"],
         ),

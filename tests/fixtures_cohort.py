@@ -1,22 +1,20 @@
-"""Stored cohorts for tests, written by hand to the contract in DESIGN.md ("Stored cohort").
+"""Stored cohorts for tests, written through the store's own writers (`brainlm.data.store`).
 
 `make_cohort` writes a small cohort whose signals have real structure (so a model can learn something):
 each recording is a few smooth latent oscillations (damped AR(2) processes, periods of tens of TRs) that every
 parcel reads through a loading that varies smoothly with the parcel's centroid, plus a little white noise.
-`store_folder` turns a synthetic input folder (`brainlm.data.synthetic.synthesize`) into a stored cohort the
-same way. Neither replaces `brainlm.data.ingest`: no validation, no DVC, just the files the reader needs.
+It does not replace `brainlm.data.ingest`: no validation, no DVC, just the files the reader needs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from brainlm.data.atlas import Atlas, load_atlas
+from brainlm.data import store
+from brainlm.data.atlas import Atlas
 from brainlm.data.scaling import robust_scale
 
 LATENTS = 4  # smooth latent signals shared by all parcels of a recording
@@ -54,42 +52,16 @@ def make_cohort(
     return write_cohort(path, recordings, pd.DataFrame(rows), atlas, phenotypes)
 
 
-def store_folder(src: str | Path, path: str | Path) -> Path:
-    """A synthetic input folder (time × parcels `.npy`, atlas.tsv, participants.tsv) as a stored cohort."""
-    src = Path(src)
-    recordings, rows = {}, []
-    for file in sorted(src.glob("sub-*.npy")):
-        participant, condition = file.stem.split("_")[0], file.stem.split("_")[1].removeprefix("task-")
-        recordings[file.stem] = np.load(file)
-        rows.append({"recording": file.stem, "participant": participant, "condition": condition})
-    phenotypes = pd.read_csv(src / "participants.tsv", sep="\t")
-    return write_cohort(path, recordings, pd.DataFrame(rows), load_atlas(src / "atlas.tsv"), phenotypes)
-
-
 def write_cohort(path: str | Path, recordings: dict[str, np.ndarray], manifest: pd.DataFrame, atlas: Atlas,
                  phenotypes: pd.DataFrame) -> Path:
-    """The store layout: robust-scaled parcels × time recordings, manifest, atlas, phenotypes, cohort.json.
-
-    `recordings` maps recording id → time × parcels array (the input layout); `manifest` has one row per
-    recording with `recording, participant, condition`.
-    """
-    path = Path(path)
-    (path / "recordings").mkdir(parents=True, exist_ok=True)
+    """Robust-scale each time × parcels input and store the cohort (`manifest`: recording, participant,
+    condition per row)."""
     rows = []
     for row in manifest.to_dict("records"):
         stored = robust_scale(recordings[row["recording"]], axis=0).T.copy()  # parcels × time float32
-        np.save(path / "recordings" / f"{row['recording']}.npy", stored)
-        rows.append({**row, "timepoints": stored.shape[1], "parcels": stored.shape[0],
-                     "checksum": hashlib.sha256(stored.tobytes()).hexdigest(), "source": f"{row['recording']}.npy"})
-    pd.DataFrame(rows).to_csv(path / "manifest.csv", index=False)
-    atlas.to_tsv(path / "atlas.tsv")
-    phenotypes.to_csv(path / "participants.tsv", sep="\t", index=False)
-    (path / "cohort.json").write_text(json.dumps({
-        "name": path.name, "created": "2024-01-01T00:00:00+00:00", "n_recordings": len(rows),
-        "n_participants": int(manifest["participant"].nunique()), "n_parcels": atlas.n_parcels,
-        "atlas": atlas.name, "scaling": "robust (x - median) / IQR per parcel", "brainlm_version": "test",
-    }, indent=2))
-    return path
+        store.write_recording(path, row["recording"], stored)
+        rows.append(store.manifest_row(**row, source=f"{row['recording']}.npy", stored=stored))
+    return store.write_cohort(path, pd.DataFrame(rows), atlas, phenotypes)
 
 
 def _oscillation(timepoints: int, rng: np.random.Generator) -> np.ndarray:

@@ -5,19 +5,21 @@
     process_source (pool)  per file: read → parcels (nilearn / CIFTI / table) → checks → robust scaling →
                            recordings/<id>.npy inside a temporary cohort folder beside the old one
     cross-file checks      duplicate data (checksum), recordings without a participants.tsv row
-    validate               the cohort-to-be against the GX suite; data docs into its validation/ folder
+    validate               the cohort-to-be against the GX suites
     swap                   old → .NAME.old-*, new → NAME: a kill at any moment leaves a complete version
-    version                dvc add data, git commit data.dvc, dvc push
+    version                dvc add data, git commit data.dvc (only where brainlm may commit), dvc push
+
+The store gets only what is a function of the input (`brainlm.data.store` writes it), so the same folder
+ingested twice is the same data version. What describes the run goes beside the store, under
+`<home>/.brainlm/validation/<NAME>/`: the GX results and data docs and `rejected.csv` (path, rule, detail).
 
 Bad input never passes silently: each failing file becomes a `Rejection` (path, rule, detail). Without
 `skip_invalid` any rejection raises `IngestError` and the store is not touched; with it the valid files are
-stored and the report (and the cohort's validation/rejected.csv) lists the rest.
+stored, cohort.json lists the rejected files with their rules, and the report lists the details.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import multiprocessing
 import os
 import re
@@ -27,22 +29,24 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-import brainlm
 from brainlm.config import IngestConfig, Settings, load_settings
+from brainlm.data import store
 from brainlm.data.atlas import Atlas, load_atlas
 from brainlm.data.parcellate import SUFFIXES, SourceError, check_label_file, read_source, split_suffix
 from brainlm.data.scaling import robust_scale
 from brainlm.errors import BrainLMError
 
+# Input folder names (the data contract), which happen to match the store's own file names.
 PARTICIPANTS = "participants.tsv"
 ATLAS_TSV = "atlas.tsv"
 RESERVED_NAMES = {PARTICIPANTS, ATLAS_TSV}
+REPORTS = "validation"  # <home>/.brainlm/validation/<cohort>/: the last ingest's GX results, docs, rejections
+REJECTED_CSV = "rejected.csv"
 RESERVED_SUFFIXES = (".json", ".npz")
 BIDS_FUNC_SUFFIXES = ("_bold.nii.gz", "_bold.nii", ".dtseries.nii")  # fMRIPrep: skip masks, boldrefs, confounds
 SCORE_COLUMNS = ("neuroticism", "pcl", "gad7", "phq9")  # phenotype scores that must be >= 0 when present
@@ -112,6 +116,7 @@ class IngestReport:
     version: object | None = None  # brainlm.data.versioning.Version
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    reports: Path | None = None  # the run report folder (GX results and docs, rejected.csv)
 
     def summary(self) -> str:
         """What the console shows: counts, rejected files with their rules, validation, DVC version."""
@@ -124,8 +129,10 @@ class IngestReport:
             lines += [f"  validation {line}" for line in self.validation.lines()]
         if self.path is not None:
             lines.append(f"  stored at {self.path}")
+        if self.reports is not None:
+            lines.append(f"  run report {self.reports}")
         if self.version is not None:
-            lines.append(f"  data version {self.version.md5} (git {(self.version.rev or 'uncommitted')[:10]})")
+            lines.append(f"  data version {self.version.md5} (git {(self.version.rev or 'not committed')[:13]})")
         return "\n".join(lines)
 
 
@@ -167,20 +174,30 @@ def ingest(
         report.notes += _recover_leftovers(settings.cohorts_dir)
         final = settings.cohorts_dir / cohort
         tmp = settings.cohorts_dir / f".{cohort}.tmp-{uuid.uuid4().hex[:8]}"
+        report.reports = report_dir(settings, cohort)
+        if report.reports.exists():  # it describes the last ingest of this cohort: this one replaces it
+            shutil.rmtree(report.reports)
         try:
-            validator = CohortValidator(tmp / "validation")
+            validator = CohortValidator(report.reports)
             report.manifest = _build(tmp, report, atlas_obj, labels, [atlas, atlas_image], cfg, validator)
             old = _swap_in(tmp, final)
         finally:
+            _write_rejected(report)  # failed or not: the list of what was rejected, with the details
             shutil.rmtree(tmp, ignore_errors=True)  # a failed ingest leaves no half-built cohort behind
-        message = f"ingest cohort {cohort}: {len(report.manifest)} recordings from {src}"
-        report.version = _commit(settings.home, final, old, message)
+        participants = report.manifest["participant"].nunique()
+        message = f"ingest cohort {cohort}: {len(report.manifest)} recordings of {participants} participants"
+        report.version, note = _commit(settings.home, final, old, message)
+        report.notes += [note] if note else []
         report.path = final
-        report.validation.docs = final / "validation" / "index.html"
     if cfg.push:
         versioning.push(settings.home)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def report_dir(settings: Settings, cohort: str) -> Path:
+    """Where the last ingest of `cohort` left its run report: GX results + data docs, rejected.csv."""
+    return settings.state_dir / REPORTS / cohort
 
 
 def _build(tmp: Path, report: IngestReport, atlas: Atlas, labels: str | None, exclude: list, cfg: IngestConfig,
@@ -210,17 +227,20 @@ def _build(tmp: Path, report: IngestReport, atlas: Atlas, labels: str | None, ex
 
 
 def _commit(home: Path, final: Path, old: Path | None, message: str):
-    """Record the swapped-in cohort as a DVC version; if that fails, the previous version goes back."""
+    """Record the swapped-in cohort as a DVC version; if that fails, the previous version goes back.
+
+    Returns (version, note): the note, when set, says that data.dvc changed but was not committed.
+    """
     from brainlm.data import versioning
 
     try:
-        version = versioning.commit_data(home, message)
+        recorded = versioning.record_version(home, message)
     except BaseException:  # not versioned (DVC failed, or interrupted): put the previous version back
         _swap_back(final, old)
         raise
     if old is not None:
         shutil.rmtree(old)
-    return version
+    return recorded
 
 
 def _check_arguments(src: Path, cohort: str, cfg: IngestConfig) -> None:
@@ -392,7 +412,7 @@ def _process_all(sources: list[Source], atlas: Atlas, labels: str | None, cfg: I
                  tmp: Path) -> list[Outcome]:
     # Ray tasks may run on other machines: they send arrays back instead of writing into `tmp`.
     out_dir = None if cfg.executor == "ray" else str(tmp)
-    (tmp / "recordings").mkdir(parents=True, exist_ok=True)
+    (tmp / store.RECORDINGS).mkdir(parents=True, exist_ok=True)
     jobs = [Job(s, atlas.index, _labels_for(s.kind, atlas, labels), cfg.min_timepoints, out_dir) for s in sources]
     return parallel_map(process_source, jobs, workers=cfg.workers, executor=cfg.executor)
 
@@ -440,9 +460,8 @@ def scale(series: np.ndarray) -> np.ndarray:
 
 
 def write_recording(stored: np.ndarray, cohort_dir: Path, recording: str) -> dict:
-    """Save recordings/<id>.npy and return the statistics of what is on disk (re-read memory-mapped)."""
-    path = cohort_dir / "recordings" / f"{recording}.npy"
-    np.save(path, stored)
+    """Store one recording and return the statistics of what is on disk (re-read memory-mapped)."""
+    path = store.write_recording(cohort_dir, recording, stored)
     pause = float(os.environ.get(PAUSE_ENV, "0"))
     if pause:
         time.sleep(pause)
@@ -450,7 +469,7 @@ def write_recording(stored: np.ndarray, cohort_dir: Path, recording: str) -> dic
 
 
 def recording_stats(stored: np.ndarray) -> dict:
-    """The per-recording row the GX suite checks, plus the manifest's checksum (sha256 of the array bytes)."""
+    """The per-recording row the GX suite checks, plus the manifest's checksum."""
     values = np.asarray(stored)
     q25, median, q75 = np.percentile(values, [25.0, 50.0, 75.0], axis=1)
     iqr = q75 - q25
@@ -462,7 +481,7 @@ def recording_stats(stored: np.ndarray) -> dict:
         "median_abs_max": float(np.max(np.abs(median))),
         "iqr_min": float(iqr.min()),
         "iqr_max": float(iqr.max()),
-        "checksum": hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest(),
+        "checksum": store.checksum(values),
     }
 
 
@@ -513,14 +532,14 @@ def _collect(outcomes: list[Outcome], tmp: Path, report: IngestReport) -> tuple[
         checksum = o.stats["checksum"]
         if checksum in first_with:  # same stored bytes as an earlier file: a copy, not a new recording
             report.rejected.append(Rejection(o.source.rel, "duplicate", f"same data as {first_with[checksum]}"))
-            (tmp / "recordings" / f"{o.source.recording}.npy").unlink(missing_ok=True)
+            store.recording_path(tmp, o.source.recording).unlink(missing_ok=True)
             continue
         first_with[checksum] = o.source.rel
         if o.array is not None:
             write_recording(o.array, tmp, o.source.recording)
         rows.append({"recording": o.source.recording, "participant": o.source.participant,
                      "condition": o.source.condition, **o.stats, "source": o.source.rel})
-    columns = ["recording", "participant", "condition", "timepoints", "parcels", "checksum", "source"]
+    columns = list(store.MANIFEST_COLUMNS)
     table = pd.DataFrame(rows, columns=[*columns, "n_nonfinite", "dtype", "median_abs_max", "iqr_min", "iqr_max"])
     from brainlm.data.validation import RECORDING_STATS
 
@@ -541,28 +560,20 @@ def _message(report: IngestReport, hint: bool = False) -> str:
 
 def _write_cohort(tmp: Path, report: IngestReport, manifest: pd.DataFrame, atlas: Atlas,
                   participants: pd.DataFrame | None) -> None:
-    """Everything but the recordings (already written by the workers) into the temporary cohort folder."""
-    manifest.to_csv(tmp / "manifest.csv", index=False)
-    atlas.to_tsv(tmp / ATLAS_TSV)
-    if participants is None:
-        participants = pd.DataFrame({"participant_id": sorted(manifest["participant"].unique())})
-    participants.to_csv(tmp / PARTICIPANTS, sep="\t", index=False, na_rep="n/a")
-    pd.DataFrame([vars(r) for r in report.rejected], columns=["path", "rule", "detail"]).to_csv(
-        tmp / "validation" / "rejected.csv", index=False
-    )
-    info = {
-        "name": report.cohort,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": str(report.src),
-        "n_recordings": len(manifest),
-        "n_participants": int(manifest["participant"].nunique()),
-        "n_parcels": atlas.n_parcels,
-        "atlas": atlas.name,
-        "scaling": "robust: (x - median) / IQR per recording per parcel",
-        "n_rejected": len(report.rejected),
-        "brainlm_version": brainlm.__version__,
-    }
-    (tmp / "cohort.json").write_text(json.dumps(info, indent=2) + "\n")
+    """Everything but the recordings (already written by the workers) into the temporary cohort folder.
+
+    cohort.json names the rejected files and their rules (relative paths: part of the data version); the
+    details, which may quote absolute paths, go to the run report's rejected.csv.
+    """
+    rejected = [{"path": r.path, "rule": r.rule} for r in sorted(report.rejected, key=lambda r: r.path)]
+    store.write_cohort(tmp, manifest, atlas, participants, name=report.cohort, n_rejected=len(rejected),
+                       rejected=rejected)
+
+
+def _write_rejected(report: IngestReport) -> None:
+    report.reports.mkdir(parents=True, exist_ok=True)
+    rows = [vars(r) for r in sorted(report.rejected, key=lambda r: r.path)]
+    pd.DataFrame(rows, columns=["path", "rule", "detail"]).to_csv(report.reports / REJECTED_CSV, index=False)
 
 
 def _swap_in(tmp: Path, final: Path) -> Path | None:

@@ -1,13 +1,21 @@
-"""Reading a stored cohort: manifest, atlas, phenotypes, memory-mapped recordings, splits and windows.
+"""The cohort store: its on-disk layout, the writers every producer uses, and the reader.
 
-The layout (written by `brainlm.data.ingest`, see DESIGN.md "Stored cohort"):
+This module owns the format. Ingest, the test fixtures and the benchmarks all write through
+`write_recording` + `write_cohort`; training and export read through `open_cohort`.
 
     <cohorts_dir>/<NAME>/
-        recordings/<recording_id>.npy    float32 parcels × time, robust-scaled per parcel
+        recordings/<recording_id>.npy    float32 parcels × time, C-contiguous (robust-scaled by ingest)
         manifest.csv     recording, participant, condition, timepoints, parcels, checksum, source
-        atlas.tsv  participants.tsv  cohort.json
+        atlas.tsv        the atlas used (index, name, x, y, z + label columns)
+        participants.tsv phenotypes, participant_id first
+        cohort.json      name, format, counts, atlas name, scaling (+ what the writer adds, e.g. rejections)
 
-Recordings are opened with `np.load(mmap_mode="r")`, so a training crop reads only its window from disk.
+Every file is a function of the data alone: no timestamps, no absolute paths, no run reports. So the same
+input always gives the same bytes, and the same DVC version. Recordings are opened with
+`np.load(mmap_mode="r")`, so a training crop reads only its window from disk.
+
+Imports numpy and pandas only (torch when a window is read; no Great Expectations, DVC, Prefect, MLflow or
+Ray): the benchmarks use it on machines that have nothing else, and ingest's worker processes start fast.
 """
 
 from __future__ import annotations
@@ -19,18 +27,27 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset
 
 from brainlm.config import Settings, load_settings
 from brainlm.data.atlas import Atlas, load_atlas
 from brainlm.errors import BrainLMError, ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
+RECORDINGS = "recordings"
+MANIFEST = "manifest.csv"
+ATLAS = "atlas.tsv"
+PARTICIPANTS = "participants.tsv"
+COHORT_JSON = "cohort.json"
+REQUIRED_FILES = (MANIFEST, ATLAS, PARTICIPANTS, COHORT_JSON)
 MANIFEST_COLUMNS = ("recording", "participant", "condition", "timepoints", "parcels", "checksum", "source")
-REQUIRED_FILES = ("manifest.csv", "atlas.tsv", "participants.tsv", "cohort.json")
+STORE_FORMAT = 1  # cohort.json `format`: raise when the layout changes
+ROBUST_SCALING = "robust: (x - median) / IQR per recording per parcel"
 SPLITS = ("train", "val", "test")
 
 
@@ -64,7 +81,7 @@ class Cohort:
 
     def recording(self, recording_id: str) -> np.memmap:
         """The stored parcels × time float32 array, memory-mapped read-only (nothing is read until sliced)."""
-        path = self.path / "recordings" / f"{recording_id}.npy"
+        path = recording_path(self.path, recording_id)
         if recording_id not in self._timepoints:
             raise CohortError(f"cohort {self.path}: no recording {recording_id!r} in manifest.csv")
         if not path.is_file():
@@ -125,18 +142,18 @@ def open_cohort(name_or_path: str | os.PathLike, settings: Settings | None = Non
     if missing:
         raise CohortError(f"cohort {path} is incomplete (no {', '.join(missing)}): the ingest did not "
                           f"finish; re-run `brainlm ingest` for it, or `dvc pull` if it lives on a remote")
-    manifest = _read_manifest(path / "manifest.csv")
+    manifest = _read_manifest(path / MANIFEST)
     if manifest.empty:
-        raise CohortError(f"cohort {path} has no recordings (manifest.csv is empty): {hint}")
-    info = json.loads((path / "cohort.json").read_text())
-    atlas = load_atlas(path / "atlas.tsv")
+        raise CohortError(f"cohort {path} has no recordings ({MANIFEST} is empty): {hint}")
+    info = json.loads((path / COHORT_JSON).read_text())
+    atlas = load_atlas(path / ATLAS)
     if info.get("atlas"):  # the TSV's file name is always "atlas"; cohort.json keeps the real one (e.g. A424)
         atlas = dataclasses.replace(atlas, name=str(info["atlas"]))
     wrong = manifest.loc[manifest["parcels"].astype(int) != atlas.n_parcels, "recording"].tolist()
     if wrong:
         raise CohortError(f"cohort {path}: recordings {wrong[:5]} do not have the atlas's {atlas.n_parcels} "
                           f"parcels")
-    phenotypes = pd.read_csv(path / "participants.tsv", sep="\t", dtype={"participant_id": str})
+    phenotypes = pd.read_csv(path / PARTICIPANTS, sep="\t", dtype={"participant_id": str})
     return Cohort(
         path=path,
         name=path.name,
@@ -147,8 +164,11 @@ def open_cohort(name_or_path: str | os.PathLike, settings: Settings | None = Non
     )
 
 
-class WindowDataset(Dataset):
+class WindowDataset:
     """Random `window`-TR crops of stored recordings: item i is a float32 tensor (parcels, window).
+
+    A map-style dataset for torch's DataLoader (`__len__` + `__getitem__`); torch is imported when the first
+    item is read, so writers of the store never load it.
 
     Item i crops recording `ids[i // crops_per_recording]` at an offset drawn from (seed, epoch, i), so a
     crop is reproducible, differs between items of the same recording, and changes when `set_epoch` moves
@@ -189,9 +209,77 @@ class WindowDataset(Dataset):
         return recording_id, int(rng.integers(0, last_start + 1))
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        import torch
+
         recording_id, start = self.locate(i)
         crop = self.cohort.recording(recording_id)[:, start : start + self.window]
         return torch.from_numpy(np.array(crop, dtype=np.float32))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def recording_path(cohort_dir: str | os.PathLike, recording_id: str) -> Path:
+    return Path(cohort_dir) / RECORDINGS / f"{recording_id}.npy"
+
+
+def checksum(stored: np.ndarray) -> str:
+    """The manifest's checksum: sha256 of the stored array's bytes (C order)."""
+    return hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()
+
+
+def write_recording(cohort_dir: str | os.PathLike, recording_id: str, stored: np.ndarray) -> Path:
+    """Save one recording, float32 parcels × time, as `recordings/<recording_id>.npy`; returns its path."""
+    if stored.dtype != np.float32 or stored.ndim != 2:
+        raise ValueError(f"recording {recording_id}: the store holds float32 parcels × time arrays, got "
+                         f"{stored.dtype} {stored.shape}")
+    path = recording_path(cohort_dir, recording_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.ascontiguousarray(stored))
+    return path
+
+
+def manifest_row(recording: str, participant: str, condition: str, source: str, stored: np.ndarray) -> dict:
+    """One manifest.csv row for a stored array (`source`: the input file, relative to the input folder)."""
+    return {"recording": recording, "participant": participant, "condition": condition,
+            "timepoints": int(stored.shape[1]), "parcels": int(stored.shape[0]), "checksum": checksum(stored),
+            "source": source}
+
+
+def write_cohort(cohort_dir: str | os.PathLike, manifest: pd.DataFrame, atlas: Atlas,
+                 participants: pd.DataFrame | None = None, *, name: str | None = None,
+                 scaling: str = ROBUST_SCALING, **info) -> Path:
+    """Everything but the recordings (already written with `write_recording`); returns the cohort folder.
+
+    `manifest` has the MANIFEST_COLUMNS, one row per recording; `participants` the phenotypes (without it,
+    a table of the manifest's participant ids). `name` defaults to the folder's name (a writer building
+    the cohort in a temporary folder passes the real one). `info` adds fields to cohort.json; like every
+    file here they must be functions of the data, never of the run (no times, no absolute paths).
+    """
+    path = Path(cohort_dir)
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise ValueError(f"manifest for {path} lacks column(s) {missing}; a manifest has {list(MANIFEST_COLUMNS)}")
+    path.mkdir(parents=True, exist_ok=True)
+    manifest[list(MANIFEST_COLUMNS)].to_csv(path / MANIFEST, index=False, lineterminator="\n")
+    atlas.to_tsv(path / ATLAS)
+    if participants is None:
+        participants = pd.DataFrame({"participant_id": sorted(manifest["participant"].unique())})
+    if participants.columns[0] != "participant_id":
+        participants = participants[["participant_id", *[c for c in participants.columns if c != "participant_id"]]]
+    participants.to_csv(path / PARTICIPANTS, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
+    cohort_info = {
+        "name": name or path.name,
+        "format": STORE_FORMAT,
+        "n_recordings": len(manifest),
+        "n_participants": int(manifest["participant"].nunique()),
+        "n_parcels": atlas.n_parcels,
+        "atlas": atlas.name,
+        "scaling": scaling,
+        **info,
+    }
+    (path / COHORT_JSON).write_text(json.dumps(cohort_info, indent=2) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -16,7 +16,9 @@ true answer:
     phenotype age, sex, neuroticism, PCL, GAD7 and PHQ9 each shift named couplings of C_s by a known amount
               per standard deviation (`PHENOTYPE_EFFECTS`), so phenotypes are predictable from the data.
 
-Everything is drawn from `cfg.seed` through separate named streams, so the same config writes the same bytes.
+Everything is drawn from `cfg.seed` through separate named streams and computed in float64; what is written
+is rounded to a fixed number of decimals before the cast to float32, so that last-bit differences between
+BLAS/LAPACK builds cannot reach the files: the same config writes the same bytes on every machine.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
+from sklearn.cluster import KMeans
 
 from brainlm.config import SynthConfig, to_dict
 from brainlm.data.atlas import Atlas, load_atlas
@@ -72,6 +75,10 @@ NOISE_AR = 0.3  # lag-1 autocorrelation of parcel noise (fMRI noise is not white
 SIGNAL_PERCENT = 1.0  # one SD of parcel signal = this % of the parcel's baseline
 SUBJECT_JITTER = 0.03  # SD of subject-specific coupling changes not explained by phenotypes
 MIN_EIGENVALUE = 0.05  # couplings are projected to correlation matrices at least this well conditioned
+# Decimals kept in what is written: BOLD values (~500-1500) to 1e-3 (a millionth of the signal's SD is far
+# below float32's own resolution there), unit-scale signals and parameters to 1e-6.
+BOLD_DECIMALS = 3
+UNIT_DECIMALS = 6
 
 GROUND_TRUTH_JSON = "ground_truth.json"
 GROUND_TRUTH_NPZ = "ground_truth.npz"
@@ -120,7 +127,7 @@ def synthesize(out_dir: str | Path, cfg: SynthConfig | None = None, overwrite: b
     for n, rec in enumerate(plan):
         rng = _rng(cfg.seed, _STREAM_RECORDING, n, 1)
         series = _parcel_signals(latent[n], net_ids, model["loadings"], model["baseline"], cfg.noise, rng)
-        np.save(out / f"{rec['recording']}.npy", series)
+        np.save(out / f"{rec['recording']}.npy", _float32(series, BOLD_DECIMALS))
 
     phenotypes.to_csv(out / "participants.tsv", sep="\t", index=False, lineterminator="\n")
     atlas.to_tsv(out / "atlas.tsv")
@@ -131,12 +138,12 @@ def synthesize(out_dir: str | Path, cfg: SynthConfig | None = None, overwrite: b
         "network_ids": net_ids,
         "loadings": model["loadings"],
         "baseline": model["baseline"],
-        "var_matrix": model["var_matrix"],
-        "base_coupling": model["base_coupling"],
-        "subject_coupling": couplings,
-        "task_regressor": design["regressor"],
-        "task_response": task_response,
-        "latent_bold": latent,
+        "var_matrix": np.round(model["var_matrix"], UNIT_DECIMALS),
+        "base_coupling": np.round(model["base_coupling"], UNIT_DECIMALS),
+        "subject_coupling": np.round(couplings, UNIT_DECIMALS),
+        "task_regressor": _float32(design["regressor"], UNIT_DECIMALS),
+        "task_response": _float32(task_response, UNIT_DECIMALS),
+        "latent_bold": _float32(latent, UNIT_DECIMALS),
     })
     return out
 
@@ -217,7 +224,7 @@ def block_design(timepoints: int, tr: float, block_seconds: float = BLOCK_SECOND
         "durations": durations.tolist(),
         "period": 2 * block,  # TRs per on/off cycle
         "boxcar": boxcar,
-        "regressor": lfilter(canonical_hrf(tr), [1.0], boxcar).astype(np.float32),  # HRF-convolved boxcar
+        "regressor": lfilter(canonical_hrf(tr), [1.0], boxcar),  # HRF-convolved boxcar
     }
 
 
@@ -249,29 +256,12 @@ def _networks(atlas: Atlas, seed: int) -> tuple[list[str], list[str], str]:
     return labels, [f"Cluster {k + 1}" for k in range(N_NETWORKS)], "kmeans"
 
 
-def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 100) -> np.ndarray:
-    """Lloyd's k-means with k-means++ seeding; returns a cluster id per point (no cluster left empty)."""
-    centres = [points[rng.integers(len(points))]]
-    for _ in range(1, k):
-        d2 = ((points[:, None] - np.array(centres)[None]) ** 2).sum(-1).min(1)
-        if d2.sum() == 0:
-            raise SynthError(f"the atlas has fewer than {k} distinct centroids; k-means cannot form {k} "
-                             f"networks")
-        centres.append(points[rng.choice(len(points), p=d2 / d2.sum())])
-    centres = np.array(centres)
-    assign = np.full(len(points), -1)
-    for _ in range(iterations):
-        d2 = ((points[:, None] - centres[None]) ** 2).sum(-1)
-        new = d2.argmin(1)
-        fit = d2[np.arange(len(points)), new]
-        for empty in sorted(set(range(k)) - set(new.tolist())):  # re-seed an empty cluster at the worst fit
-            worst = int(fit.argmax())
-            new[worst], fit[worst] = empty, -np.inf
-        if np.array_equal(new, assign):
-            break
-        assign = new
-        centres = np.array([points[assign == c].mean(0) for c in range(k)])
-    return assign
+def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """scikit-learn's k-means (k-means++ seeding, best of 10), seeded from `rng`; a cluster id per point."""
+    if len(np.unique(points, axis=0)) < k:
+        raise SynthError(f"the atlas has fewer than {k} distinct centroids; k-means cannot form {k} networks")
+    model = KMeans(n_clusters=k, n_init=10, random_state=int(rng.integers(2**31 - 1)))
+    return model.fit_predict(points)
 
 
 def _network_order(labels: list[str], labelled: list[str], coords: np.ndarray) -> list[str]:
@@ -443,7 +433,7 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
 
 def _network_signals(var: np.ndarray, couplings: np.ndarray, plan: list[dict], design: dict, task_k: int,
                      cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Network BOLD (recordings, K, T): unit-variance resting signal + the task response (K, T) it adds.
+    """Network BOLD (recordings, K, T) float64: unit-variance resting signal + the task response (K, T).
 
     The VAR runs for a burn-in longer than the HRF first, so every recording starts in steady state.
     All recordings advance together (vectorised over recordings), one TR per step.
@@ -465,7 +455,7 @@ def _network_signals(var: np.ndarray, couplings: np.ndarray, plan: list[dict], d
     response *= TASK_AMPLITUDE / np.abs(response[:, task_k]).max()
     is_task = np.array([rec["condition"] == "task" for rec in plan])[:, None, None]
     bold = (rest + is_task * response[None]).transpose(0, 2, 1)
-    return bold.astype(np.float32), response.T.astype(np.float32)
+    return bold, response.T
 
 
 def _run_var(var: np.ndarray, inputs: np.ndarray) -> np.ndarray:
@@ -479,13 +469,13 @@ def _run_var(var: np.ndarray, inputs: np.ndarray) -> np.ndarray:
 
 def _parcel_signals(network_bold: np.ndarray, net_ids: np.ndarray, loadings: np.ndarray, baseline: np.ndarray,
                     noise: float, rng: np.random.Generator) -> np.ndarray:
-    """One recording, (T, P) float32: baseline × (1 + % signal × (loading × network BOLD + AR(1) noise))."""
+    """One recording, (T, P) float64: baseline × (1 + % signal × (loading × network BOLD + AR(1) noise))."""
     timepoints, parcels = network_bold.shape[1], len(net_ids)
     white = rng.standard_normal((timepoints, parcels))
     white[0] /= math.sqrt(1 - NOISE_AR**2)  # start the AR(1) in its stationary distribution
     ar_noise = lfilter([math.sqrt(1 - NOISE_AR**2)], [1.0, -NOISE_AR], white, axis=0)
     signal = loadings * network_bold[net_ids].T + noise * ar_noise
-    return (baseline * (1.0 + SIGNAL_PERCENT / 100.0 * signal)).astype(np.float32)
+    return baseline * (1.0 + SIGNAL_PERCENT / 100.0 * signal)
 
 
 # -------------------------------------------------------------------------------------------- output
@@ -525,7 +515,12 @@ def _ground_truth_info(cfg, atlas, order, net_ids, source, model, effects, score
 
 
 def _rounded(matrix: np.ndarray) -> list:
-    return np.round(matrix, 6).tolist()
+    return np.round(matrix, UNIT_DECIMALS).tolist()
+
+
+def _float32(values: np.ndarray, decimals: int) -> np.ndarray:
+    """float64 → float32 through a fixed rounding, so machines that differ in the last bits write the same."""
+    return np.round(values, decimals).astype(np.float32)
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -7,8 +7,9 @@ Two tables are validated on every ingest:
   minimum, finite values only, float32, per-parcel median ≈ 0 and IQR ≈ 1 after scaling, unique recordings
   and checksums (no duplicate data), every participant known.
 
-The GX context is ephemeral (nothing written outside the cohort); results are saved as data docs (HTML) and
-raw JSON under the cohort's `validation/` folder.
+The GX context is ephemeral (nothing written but what is asked for); results are saved as data docs (HTML) and
+raw JSON into the folder the caller gives (ingest: the run report, `<home>/.brainlm/validation/<cohort>/`,
+outside the versioned store, since they carry run ids and times).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class CohortValidator:
         self.context = gx.get_context(mode="ephemeral")
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
         # The ephemeral context comes with a docs site in a fresh /tmp folder: drop it, or every ingest
-        # would leave a 4 MB site there. Ours lives in the cohort.
+        # would leave a 4 MB site there. Ours lives in `docs_dir`.
         for site in list(self.context.list_data_docs_sites()):
             self.context.delete_data_docs_site(site)
         self.context.add_data_docs_site(

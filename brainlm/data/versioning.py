@@ -1,13 +1,27 @@
 """Cohort versions with DVC: the one module that talks to DVC.
 
 The brainlm home is a git + DVC project; `data/` (every cohort) is one DVC output, `data.dvc`, at its root.
-A *version* is a git commit that changed `data.dvc`: ingest runs `dvc add data`, commits `data.dvc` with a
-message naming the cohort, then `dvc push`es to the remote. `checkout(rev)` restores `data/` as it was at
-that commit, from the local cache or else from the remote.
+A *version* is a state of `data/`, named by its DVC md5; ingest runs `dvc add data` and `dvc push`es to the
+remote. Where brainlm may commit (see `may_commit`), it also commits `data.dvc` with a message naming the
+cohort, and that commit is the version's git revision. `checkout(rev)` restores `data/` as it was at a commit,
+from the local cache or else from the remote.
 
-The remote: `$BRAINLM_DVC_REMOTE` (a directory, or `s3://bucket/prefix` with `$BRAINLM_DVC_S3_ENDPOINT` for a
-custom endpoint), by default `<home>/.brainlm/dvc-remote`. S3 credentials come only from boto3's chain
-(environment, ~/.aws, instance roles): nothing secret is ever written into the repository's config.
+brainlm commits only into a git repository it created itself (marked `brainlm.commitVersions = true` in the
+repository's own config when it runs `git init`; a user may set the same key) or into the repository that
+`$BRAINLM_HOME` names explicitly. In any other repository (a code checkout, say) it versions, validates and
+pushes the data but leaves git alone, and says in one line how to record the version.
+
+One copy on disk: DVC's cache links files into the store (`cache.type = hardlink,copy`). After `dvc add`, each
+stored file is a read-only hard link of its cache object, so store and cache share their bytes; only ingest
+writes the store, and always into new files (a temporary folder swapped in), never into a linked one, and a
+checkout replaces links rather than writing through them, so the cache cannot be corrupted by either. Copies
+happen only where a hard link cannot be made (a cache on another filesystem); `footprint` shows which.
+
+Configuration: the project-wide DVC settings live in the tracked `.dvc/config` and are written only when they
+differ, so an ingest never rewrites tracked files with new bytes. The remote is machine-specific and goes to
+the untracked `.dvc/config.local`: `$BRAINLM_DVC_REMOTE` (a directory, or `s3://bucket/prefix` with
+`$BRAINLM_DVC_S3_ENDPOINT` for a custom endpoint), by default `<home>/.brainlm/dvc-remote`. S3 credentials come
+only from the AWS credential chain (environment, ~/.aws, instance roles): nothing secret is ever written.
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ import fcntl
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +46,15 @@ DATA_DVC = "data.dvc"
 REMOTE_NAME = "brainlm"
 REMOTE_ENV = "BRAINLM_DVC_REMOTE"
 S3_ENDPOINT_ENV = "BRAINLM_DVC_S3_ENDPOINT"
+HOME_ENV = "BRAINLM_HOME"
 DEFAULT_REMOTE = ".brainlm/dvc-remote"  # relative to the home
+COMMIT_KEY = "brainlm.commitVersions"  # in a repository's own .git/config: brainlm commits data versions there
 # Half-built (`.NAME.tmp-*`) and replaced (`.NAME.old-*`) cohort folders never belong to a version.
 DVCIGNORE = "/data/cohorts/.*\n"
+# The tracked project settings (.dvc/config), the same on every machine. Hard links first: `dvc add` then
+# links each new file into the cache instead of copying it (DVC links on add only when hardlink comes first).
+CACHE_TYPES = "hardlink,copy"
+PROJECT_CONFIG = {"core": {"analytics": "False"}, "cache": {"type": CACHE_TYPES}}
 _GIT_IDENTITY = ("-c", "user.name=brainlm", "-c", "user.email=brainlm@localhost")
 _SEP = "\x1f"
 
@@ -67,21 +87,23 @@ class Version:
 
 
 def ensure_repo(home: str | Path) -> Path:
-    """Make `home` a git + DVC project with the configured default remote (idempotent)."""
+    """Make `home` a git + DVC project with the configured remote (idempotent; tracked files change only
+    when something is missing from them)."""
     home = Path(home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     if not (home / ".git").exists():
         _git(home, "init", "-q")
-    # Local state (MLflow DB, Ray results, the default DVC remote) is never part of the project.
+        _git(home, "config", COMMIT_KEY, "true")  # ours: data versions are committed here
+    # Local state (MLflow DB, Ray results, run reports, the default DVC remote) is never part of the project.
     _append_line(home / ".gitignore", "/.brainlm/")
     if not (home / ".dvc").exists():
         with _quiet_dvc():
             Repo.init(str(home)).close()
     _append_line(home / ".dvcignore", DVCIGNORE.strip())
-    with _repo(home) as repo, repo.config.edit() as conf:
-        conf["core"]["analytics"] = False
-        conf["core"]["remote"] = REMOTE_NAME
-        conf["remote"][REMOTE_NAME] = remote_config(home)
+    with _repo(home) as repo:
+        _set_config(repo, "repo", PROJECT_CONFIG)
+        _set_config(repo, "local", {"core": {"remote": REMOTE_NAME},
+                                    "remote": {REMOTE_NAME: remote_config(home)}})
     return home
 
 
@@ -101,6 +123,15 @@ def remote_config(home: Path) -> dict[str, str]:
     return {"url": RelPath(str(path.resolve()))}
 
 
+def may_commit(home: str | Path) -> bool:
+    """Whether ingest commits data.dvc in `home`: a repository brainlm created (or the user marked with
+    `git config brainlm.commitVersions true`), or the one `$BRAINLM_HOME` names explicitly."""
+    home = Path(home).resolve()
+    marked = _git(home, "config", "--bool", COMMIT_KEY, check=False).stdout.strip() == "true"
+    chosen = bool(os.environ.get(HOME_ENV)) and Path(os.environ[HOME_ENV]).resolve() == home
+    return marked or chosen
+
+
 @contextlib.contextmanager
 def store_lock(home: str | Path) -> Iterator[None]:
     """One writer at a time (ingest, checkout) per home: an exclusive flock on .brainlm/store.lock."""
@@ -117,26 +148,36 @@ def store_lock(home: str | Path) -> Iterator[None]:
 # ------------------------------------------------------------------------------------ write a version
 
 
-def commit_data(home: str | Path, message: str) -> Version:
-    """`dvc add data` and commit data.dvc; on failure data.dvc is put back as it was."""
+def record_version(home: str | Path, message: str) -> tuple[Version, str | None]:
+    """`dvc add data`, and commit data.dvc where `may_commit` allows; on failure data.dvc is put back.
+
+    Returns the version and, where brainlm may not commit and data.dvc changed, a one-line note saying how
+    to record it. The same data gives the same data.dvc, so ingesting it again makes no new commit.
+    """
     home = Path(home).resolve()
     pointer = home / DATA_DVC
     before = pointer.read_text() if pointer.exists() else None
+    note = None
     try:
         with _repo(home) as repo:
             repo.add(str(home / "data"))
-        paths = [DATA_DVC, ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"]
-        _git(home, "add", "--", *paths)
-        # Commit only our paths: anything else the user has staged in this repo stays staged.
-        if _git(home, "diff", "--cached", "--quiet", "--", *paths, check=False).returncode:
-            _git(home, *_identity(home), "commit", "-q", "-m", message, "--", *paths)
+        if may_commit(home):
+            paths = [DATA_DVC, ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"]
+            _git(home, "add", "--", *paths)
+            # Commit only our paths: anything else the user has staged in this repo stays staged.
+            if _git(home, "diff", "--cached", "--quiet", "--", *paths, check=False).returncode:
+                _git(home, *_identity(home), "commit", "-q", "-m", message, "--", *paths)
+        elif pointer.read_text() != before:
+            note = (f"{DATA_DVC} changed but was not committed ({home} is a git repository brainlm did not "
+                    f"create): commit it with `git -C {home} commit -m '{message}' {DATA_DVC}`, or set "
+                    f"{HOME_ENV} to a data repository of your own")
     except (DvcException, VersioningError, OSError) as e:
         if before is None:
             pointer.unlink(missing_ok=True)
         else:
             pointer.write_text(before)
         raise VersioningError(f"could not record a new data version in {home}: {e}") from e
-    return current_version(home, check_dirty=False)
+    return current_version(home, check_dirty=False), note
 
 
 def push(home: str | Path) -> None:
@@ -215,6 +256,63 @@ def checkout(rev: str, home: str | Path | None = None) -> Version:
     return known[resolved]
 
 
+# -------------------------------------------------------------------------------------- footprint
+
+
+@dataclass(frozen=True)
+class Place:
+    """One place where cohort bytes live: the store (`data/`), DVC's cache, or the remote.
+
+    `size` is the apparent size of its files; `disk` the bytes the filesystem allocated for them (st_blocks),
+    counting a file hard-linked from a place listed before it (`linked` files) only there. None for a remote
+    that is not a local folder (S3: its objects' sizes are what it bills).
+    """
+
+    name: str
+    location: str
+    files: int
+    size: int
+    disk: int | None
+    linked: int = 0
+
+
+def footprint(home: str | Path | None = None) -> list[Place]:
+    """Where the bytes of `home`'s cohorts live and how much each place takes: store, cache, remote."""
+    home = _home(home)
+    with _repo(home) as repo:
+        cache = Path(repo.cache.local_cache_dir)
+        remote = repo.cloud.get_remote(repo.config["core"]["remote"]) if repo.config["core"].get("remote") else None
+        seen: set[tuple[int, int]] = set()
+        places = [_local_place("store", home / "data", seen), _local_place("cache", cache, seen)]
+        if remote is not None and remote.fs.protocol == "local":
+            places.append(_local_place("remote", Path(remote.path), seen))
+        elif remote is not None:
+            # fsspec's find (one listing, sizes included) under DVC's filesystem wrapper
+            objects = remote.fs.fs.find(remote.path, detail=True) if remote.fs.exists(remote.path) else {}
+            places.append(Place("remote", f"{remote.fs.protocol}://{remote.path}", len(objects),
+                                sum(int(info.get("size") or 0) for info in objects.values()), None))
+    return places
+
+
+def _local_place(name: str, root: Path, seen: set[tuple[int, int]]) -> Place:
+    files = size = disk = linked = 0
+    for path in _files(root):
+        st = path.lstat()
+        files += 1
+        size += st.st_size
+        if (st.st_dev, st.st_ino) in seen:
+            linked += 1
+        else:
+            seen.add((st.st_dev, st.st_ino))
+            disk += st.st_blocks * 512
+    return Place(name, str(root), files, size, disk, linked)
+
+
+def _files(root: Path) -> Iterable[Path]:
+    for folder, _, names in os.walk(root):
+        yield from (Path(folder) / n for n in names)
+
+
 # ---------------------------------------------------------------------------------------- helpers
 
 
@@ -263,6 +361,22 @@ def _identity(home: Path) -> tuple[str, ...]:
     """A fallback committer only where git has none configured (fresh CI machines, containers)."""
     configured = _git(home, "config", "user.email", check=False).stdout.strip()
     return () if configured else _GIT_IDENTITY
+
+
+def _set_config(repo: Repo, level: str, wanted: dict) -> None:
+    """Write `wanted` ({section: {key: value}}, remotes as {"remote": {name: {...}}}) into one config level,
+    only if that level says otherwise: an unchanged file keeps its bytes."""
+    current = repo.config.load_one(level)
+
+    def differs(have: dict, want: dict) -> bool:
+        return any(differs(have.get(k) or {}, v) if isinstance(v, dict) else str(have.get(k)) != str(v)
+                   for k, v in want.items())
+
+    if differs(current, wanted):
+        with repo.config.edit(level) as conf:
+            for section, values in wanted.items():
+                for key, value in values.items():
+                    conf[section][key] = value
 
 
 def _append_line(path: Path, line: str) -> None:

@@ -1,6 +1,5 @@
 """Where the model looks: attention read-outs, per-recording CLS-attention maps, and group contrasts.
 
-    windows(recording, window)                  non-overlapping windows from a recording's start
     attention_weights(blocks, layers, reduce)   context: chosen blocks compute their weights explicitly
     cls_maps(model, cohort, ids, cfg)           each recording's CLS attention over parcels (and over time)
     split_groups(cohort, column, ...)           two groups from a manifest or phenotype column
@@ -43,17 +42,17 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from brainlm.config import AttentionConfig
+from brainlm.config import RESOLUTIONS, AttentionConfig
 from brainlm.data.atlas import Atlas
 from brainlm.data.store import Cohort
 from brainlm.errors import BrainLMError
 from brainlm.model import BrainLM
+from brainlm.tasks.common import cut_windows
 
 DEFAULT_NETWORKS = "yeo7"  # the network column used when none is named, if the atlas has it
 # Columns that name recordings or people, or describe files: never a grouping (group names reach MLflow).
 IDENTIFYING_COLUMNS = frozenset({"recording", "participant", "participant_id", "checksum", "source"})
 MIN_UNITS = 2  # participants per group below which no test is attempted
-RESOLUTIONS = ("recording", "time")
 _CHUNK_FLOATS = 2**24  # permutation statistics held at once: permutations are processed in chunks
 
 
@@ -62,21 +61,6 @@ class AttentionError(BrainLMError, ValueError):
 
 
 # ------------------------------------------------------------------------------------------ read-outs
-
-
-def windows(recording: np.ndarray, window: int, max_windows: int | None = None) -> Tensor:
-    """(W, P, window) float32: consecutive non-overlapping windows of a parcels × time recording.
-
-    Windows start at TR 0, so window w covers the same TRs in every recording (task designs stay aligned).
-    """
-    timepoints = recording.shape[1]
-    count = timepoints // window
-    if max_windows is not None:
-        count = min(count, max_windows)
-    if count < 1:
-        raise AttentionError(f"a recording of {timepoints} TRs is shorter than the model's {window}-TR window")
-    crop = np.asarray(recording[:, : count * window], dtype=np.float32)
-    return torch.from_numpy(crop.reshape(crop.shape[0], count, window).transpose(1, 0, 2).copy())
 
 
 def select_layers(n_blocks: int, layer: int | None) -> list[int]:
@@ -100,7 +84,7 @@ def attention_weights(blocks: nn.ModuleList, layers: list[int],
     captured: list[Tensor] = []
 
     def ask_for_weights(module, args):
-        return (args[0], True)
+        return (args[0], True, *args[2:])  # need_weights is the second argument; the rest passes through
 
     def keep_reduced(module, args, output):
         out, weights = output
@@ -163,8 +147,8 @@ def cls_maps(model: BrainLM, cohort: Cohort, recording_ids: list[str], cfg: Atte
     coords = torch.from_numpy(cohort.atlas.coords)
     mass, parcels, tokens = [], [], []
     for recording_id in recording_ids:
-        weights = cls_attention(model, windows(cohort.recording(recording_id), model.cfg.window, cfg.max_windows),
-                                coords, cfg.layer)  # (W, P, N)
+        x = cut_windows(cohort.recording(recording_id), model.cfg.window, max_windows=cfg.max_windows)
+        weights = cls_attention(model, torch.from_numpy(x), coords, cfg.layer)  # (W, P, N)
         per_parcel = weights.sum(-1, keepdim=True)  # (W, P, 1)
         mass.append(per_parcel[..., 0].mean(0).double().numpy())
         parcels.append(centred_log(per_parcel)[..., 0].mean(0).numpy())

@@ -45,10 +45,10 @@ from brainlm.data.atlas import Atlas
 from brainlm.data.store import Cohort
 from brainlm.errors import BrainLMError
 from brainlm.model import BrainLM
-from brainlm.tasks.attention import attention_weights, network_column, select_layers, untrained_like, windows
+from brainlm.tasks.attention import attention_weights, network_column, select_layers, untrained_like
+from brainlm.tasks.common import cut_windows, sample_recordings
 
 METHODS = ("attention", "fc", "untrained", "coordinates")
-SOURCES = ("decoder", "encoder")
 MIN_PARCELS_PER_NETWORK = 2  # a network must be in the training part of a fold when it is tested
 _WEIGHTS_BUDGET = 2**26  # attention weights (floats) held at once: windows are batched to stay below it
 
@@ -70,8 +70,6 @@ def parcel_attention(model: BrainLM, signals: Tensor, coords: Tensor, cfg: Netwo
     """
     B, P, T = signals.shape
     N = T // model.cfg.patch_size
-    if cfg.source not in SOURCES:
-        raise NetworksError(f"unknown attention source {cfg.source!r}; choose one of {list(SOURCES)}")
     blocks = model.decoder_blocks if cfg.source == "decoder" else model.blocks
     layers = select_layers(len(blocks), cfg.layer)
 
@@ -121,7 +119,7 @@ def attention_matrix(model: BrainLM, recordings: Iterable[np.ndarray], coords: n
     total = torch.zeros(P, P, dtype=torch.float64)
     count = torch.zeros(P, P, dtype=torch.float64)
     for recording in recordings:
-        x = windows(recording, model.cfg.window, cfg.max_windows)
+        x = torch.from_numpy(cut_windows(recording, model.cfg.window, max_windows=cfg.max_windows))
         for start in range(0, len(x), batch):
             t, c = parcel_attention(model, x[start : start + batch], centroids, cfg, generator)
             total, count = total + t, count + c
@@ -132,7 +130,7 @@ def fc_matrix(recordings: Iterable[np.ndarray], window: int, max_windows: int | 
     """(P, P) mean Fisher-z correlation over recordings, each over the same windows the model sees."""
     total, n = 0.0, 0
     for recording in recordings:
-        x = windows(recording, window, max_windows).numpy()  # (W, P, window)
+        x = cut_windows(recording, window, max_windows=max_windows)  # (W, P, window)
         series = x.transpose(1, 0, 2).reshape(x.shape[1], -1).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):  # a flat parcel has no correlation: 0
             corr = np.nan_to_num(np.corrcoef(series))
@@ -150,17 +148,6 @@ def feature_rows(matrix: np.ndarray) -> np.ndarray:
     m = np.where(off, m, (m * off).sum(1, keepdims=True) / max(len(m) - 1, 1))
     sd = m.std(1, keepdims=True)
     return (m - m.mean(1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
-
-
-def pick_recordings(cohort: Cohort, max_recordings: int | None, seed: int) -> list[str]:
-    """All recording ids, or a seeded sample of `max_recordings` of them (in manifest order)."""
-    ids = cohort.recording_ids
-    if max_recordings is None or max_recordings >= len(ids):
-        return ids
-    if max_recordings < 1:
-        raise NetworksError(f"max_recordings must be >= 1, got {max_recordings}")
-    chosen = np.random.default_rng(seed).choice(len(ids), size=max_recordings, replace=False)
-    return [ids[i] for i in sorted(chosen)]
 
 
 def parcel_features(model: BrainLM, recordings: Callable[[], Iterator[np.ndarray]], atlas: Atlas,
@@ -181,7 +168,7 @@ def parcel_features(model: BrainLM, recordings: Callable[[], Iterator[np.ndarray
 
 def cohort_recordings(cohort: Cohort, cfg: NetworksConfig) -> Callable[[], Iterator[np.ndarray]]:
     """The recordings `cfg` picks from a stored cohort, read (memory-mapped) on each pass."""
-    ids = pick_recordings(cohort, cfg.max_recordings, cfg.seed)
+    ids = sample_recordings(cohort.recording_ids, cfg.max_recordings, cfg.seed)
     return lambda: (cohort.recording(r) for r in ids)
 
 

@@ -36,12 +36,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from brainlm.config import PerturbConfig
+from brainlm.config import REPRESENTATIONS, PerturbConfig
 from brainlm.errors import BrainLMError
 from brainlm.model import BrainLM
 
-MODES = ("parcel_time", "parcel")
-REPRESENTATIONS = ("reconstruction", "forecast", "cls")
 RECONSTRUCTION_MASKS = 2  # fixed random masks whose predictions make the "reconstruction" representation
 PERTURBATION_MODEL = "brainlm-perturbation"  # registered name of the served perturbation model
 
@@ -138,11 +136,6 @@ def optimise_perturbation(model: BrainLM, source: Tensor, target: Tensor, coords
 
     source (S, P, T) and target (R, P, T) are windows of the same length and parcels; coords (P, 3).
     """
-    if cfg.mode not in MODES:
-        raise PerturbError(f"unknown perturbation mode {cfg.mode!r}; choose one of {list(MODES)}")
-    if cfg.steps < 1 or cfg.lr <= 0 or cfg.sparsity < 0:
-        raise PerturbError(f"steps must be >= 1, lr > 0 and sparsity >= 0; got {cfg.steps}, {cfg.lr}, "
-                           f"{cfg.sparsity}")
     _, P, T = source.shape
     with frozen(model):
         with torch.no_grad():

@@ -65,6 +65,20 @@ def test_loader_throughput_times_each_worker_count_against_the_training_rate(tra
     assert [r["workers"] for r in saved["results"]] == [0, 1] and saved["train_rate"] > 0
 
 
+@pytest.mark.slow
+def test_ingest_footprint_prints_time_memory_and_bytes_per_place(tmp_path):
+    out = run("ingest_footprint.py", "--recordings", "3", "6", "--parcels", "16", "--timepoints", "220",
+              "--workers", "1", "--dir", str(tmp_path), "--json", str(tmp_path / "footprint.json"))
+    assert "store disk" in out and "cache disk" in out and "remote disk" in out
+    rows = json.loads((tmp_path / "footprint.json").read_text())
+    assert [r["recordings"] for r in rows] == [3, 6]
+    for r in rows:
+        assert r["seconds"] > 0 and r["peak_rss_mb"] > 0 and r["store_bytes"] > 0
+        assert r["cache_disk"] < r["store_disk"]  # hard links: the cache adds little beyond the store
+        assert r["remote_bytes"] >= r["store_bytes"]  # the default local remote is a copy
+    assert not any(tmp_path.glob("brainlm-ingest-footprint-*")), "inputs and homes are removed afterwards"
+
+
 def test_profile_step_prints_the_top_ops_table():
     out = run("profile_step.py", "--preset", "tiny", "--steps", "1", "--warmup", "1", "--batch", "2",
               "--parcels", "16", "--threads", "1", "--rows", "5")
@@ -87,3 +101,25 @@ def test_model_overrides_are_typed_and_guarded():
     assert bench.parse_overrides(["decoder_heads=8", "mlp_ratio=2"]) == {"decoder_heads": 8, "mlp_ratio": 2.0}
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         bench.parse_overrides(["mask_ratio=0.5"])
+
+
+def test_the_engine_and_the_step_benches_import_with_torch_alone():
+    """A GPU machine without Ray, MLflow, Prefect or pandas runs bench/ and the engine: nothing else loads."""
+    refuse = ("ray", "mlflow", "prefect", "great_expectations", "dvc", "pandas", "nilearn")
+    code = (
+        "import importlib.abc, sys\n"
+        "class Refuse(importlib.abc.MetaPathFinder):\n"
+        f"    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {refuse!r}:\n"
+        "            raise ImportError(f'{name} imported')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import brainlm.engine, brainlm.checkpoint\n"
+        "for script in ('pretrain_throughput', 'profile_step'):\n"
+        "    import importlib.util\n"
+        f"    spec = importlib.util.spec_from_file_location(script, {str(BENCH)!r} + f'/{{script}}.py')\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr

@@ -15,7 +15,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from test_ingest_inputs import (
+from fixtures_ingest import (
     AFFINE,
     FAST,
     GRID,
@@ -183,7 +183,10 @@ def test_skip_invalid_stores_the_valid_files_and_reports_the_rest(case):
     assert sorted((r.path, r.rule) for r in report.rejected) == sorted((f, rule) for f, _, rule in CASES.values())
     cohort = open_cohort(COHORT, settings_for(home))
     assert set(cohort.recording_ids) == valid
-    rejected_csv = (cohort.path / "validation" / "rejected.csv").read_text()
+    # The version names what it left out and why; the details (which may quote paths) are in the report.
+    assert sorted((r["path"], r["rule"]) for r in cohort.info["rejected"]) == sorted(
+        (f, rule) for f, _, rule in CASES.values())
+    rejected_csv = (report.reports / "rejected.csv").read_text()
     assert all(f in rejected_csv for f, _, _ in CASES.values())
     assert len(versioning.versions(home)) == 2
 

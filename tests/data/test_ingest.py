@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from test_ingest_inputs import (
+from fixtures_ingest import (
     FAST,
     INDEX,
     bids_folder,
@@ -53,10 +53,15 @@ def test_parcel_tables_round_trip(home, tmp_path):
     info = json.loads((cohort.path / "cohort.json").read_text())
     assert (info["n_recordings"], info["n_participants"], info["n_parcels"]) == (6, 3, 16)
 
-    assert report.validation.success and (cohort.path / "validation" / "index.html").is_file()
-    assert {"participants.json", "recordings.json"} <= {p.name for p in (cohort.path / "validation").iterdir()}
+    # The run's report (GX results and data docs) sits beside the store, not in the versioned data.
+    reports = home / ".brainlm" / "validation" / "lab"
+    assert report.validation.success and report.reports == reports and (reports / "index.html").is_file()
+    assert {"participants.json", "recordings.json", "rejected.csv"} <= {p.name for p in reports.iterdir()}
+    assert sorted(p.name for p in cohort.path.iterdir()) == ["atlas.tsv", "cohort.json", "manifest.csv",
+                                                             "participants.tsv", "recordings"]
     [version] = versioning.versions(home)
-    assert "lab" in version.message and version.md5 == report.version.md5
+    assert version.message == "ingest cohort lab: 6 recordings of 3 participants"
+    assert version.md5 == report.version.md5 and str(tmp_path) not in version.message
     assert (home / ".brainlm" / "dvc-remote" / "files" / "md5").is_dir()  # pushed to the local remote
     assert "lab" in report.summary() and "6 recording(s) stored" in report.summary()
 

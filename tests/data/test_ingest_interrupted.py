@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from test_ingest_inputs import FAST, expected_stored, pointer, stored_checksums, table_folder
+from fixtures_ingest import FAST, expected_stored, pointer, stored_checksums, table_folder
 
 from brainlm.data import versioning
 from brainlm.data.ingest import PAUSE_ENV, ingest

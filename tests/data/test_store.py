@@ -1,11 +1,8 @@
-"""Reading a stored cohort: clear errors, subject-level splits, and memory-mapped random crops.
+"""The cohort store: its on-disk layout, clear errors, subject-level splits, and memory-mapped random crops."""
 
-The fixture writes the store layout by hand, straight from the contract in DESIGN.md, so these tests pin the
-reader to the contract rather than to the ingest code.
-"""
-
-import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -23,7 +20,6 @@ PARCELS = 6
 
 def write_store(path, participants=5, runs=2, timepoints=(60, 75)):
     """A stored cohort whose values encode their position: value = 1000·recording + 10·parcel + t / 1000."""
-    (path / "recordings").mkdir(parents=True)
     rows = []
     for s in range(participants):
         for r in range(runs):
@@ -31,19 +27,47 @@ def write_store(path, participants=5, runs=2, timepoints=(60, 75)):
             recording = f"sub-{s + 1:02d}_task-rest_run-{r + 1}"
             array = 1000.0 * n + 10.0 * np.arange(PARCELS)[:, None] + np.arange(length) / 1000
             array = array.astype(np.float32)
-            np.save(path / "recordings" / f"{recording}.npy", array)
-            rows.append({"recording": recording, "participant": f"sub-{s + 1:02d}", "condition": "rest",
-                         "timepoints": length, "parcels": PARCELS,
-                         "checksum": hashlib.sha256(array.tobytes()).hexdigest(),
-                         "source": f"{recording}.npy"})
-    pd.DataFrame(rows).to_csv(path / "manifest.csv", index=False)
-    Atlas(name="toy", index=np.arange(1, PARCELS + 1), names=[f"p{i}" for i in range(PARCELS)],
-          coords=np.zeros((PARCELS, 3), np.float32)).to_tsv(path / "atlas.tsv")
+            store.write_recording(path, recording, array)
+            rows.append(store.manifest_row(recording, f"sub-{s + 1:02d}", "rest", f"{recording}.npy", array))
+    atlas = Atlas(name="toy", index=np.arange(1, PARCELS + 1), names=[f"p{i}" for i in range(PARCELS)],
+                  coords=np.zeros((PARCELS, 3), np.float32))
     phenotypes = pd.DataFrame({"participant_id": [f"sub-{s + 1:02d}" for s in range(participants)],
                                "age": np.arange(participants) + 30})
-    phenotypes.to_csv(path / "participants.tsv", sep="\t", index=False)
-    (path / "cohort.json").write_text(json.dumps({"name": path.name, "n_recordings": len(rows)}))
-    return path
+    return store.write_cohort(path, pd.DataFrame(rows), atlas, phenotypes, scaling="none (positions)")
+
+
+def test_layout_on_disk_is_the_documented_one(tmp_path):
+    """The format DESIGN.md documents, file by file: what any other tool reading a store relies on."""
+    path = write_store(tmp_path / "toy", participants=2, runs=1)
+    assert sorted(p.name for p in path.iterdir()) == ["atlas.tsv", "cohort.json", "manifest.csv",
+                                                       "participants.tsv", "recordings"]
+    array = np.load(path / "recordings" / "sub-01_task-rest_run-1.npy")
+    assert array.dtype == np.float32 and array.shape == (PARCELS, 60) and array.flags.c_contiguous
+    manifest = (path / "manifest.csv").read_text().splitlines()
+    assert manifest[0] == "recording,participant,condition,timepoints,parcels,checksum,source"
+    assert manifest[1].startswith("sub-01_task-rest_run-1,sub-01,rest,60,6,")
+    assert (path / "participants.tsv").read_text().splitlines()[0] == "participant_id\tage"
+    assert (path / "atlas.tsv").read_text().startswith("index\tname\tx\ty\tz")
+    info = json.loads((path / "cohort.json").read_text())
+    assert info == {"name": "toy", "format": store.STORE_FORMAT, "n_recordings": 2, "n_participants": 2,
+                    "n_parcels": PARCELS, "atlas": "toy", "scaling": "none (positions)"}
+
+
+def test_same_data_writes_the_same_bytes(tmp_path):
+    """Nothing that varies between runs (times, absolute paths) is in a store: the bytes depend on the data."""
+    first, second = write_store(tmp_path / "a" / "toy"), write_store(tmp_path / "b" / "toy")
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files and all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+
+
+def test_store_imports_without_the_platform_tools():
+    """bench/ writes and reads stores on machines with torch, numpy and pandas only; ingest's workers write
+    through it and should not pay for importing torch."""
+    heavy = ("great_expectations", "dvc", "prefect", "mlflow", "ray", "nilearn", "sklearn", "torch")
+    code = ("import sys, brainlm.data.store; "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.fixture

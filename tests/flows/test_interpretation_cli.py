@@ -9,54 +9,38 @@ from code + safetensors and answers a perturbation spec. Nothing MLflow stores n
 import pickle
 import re
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fixtures_pretrained import pretrained
+from fixtures_tasks import INTERPRETATION, register_pretrained
 from mlflow import MlflowClient
 
-from brainlm import pipelines, registry
 from brainlm.cli import main
 from brainlm.config import load_settings
 from brainlm.data.store import open_cohort
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 COHORT = "synthetic"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    trained = pretrained(tmp_path_factory.mktemp("pretrained"))
-    torch.set_num_threads(before)
-    return trained
-
-
 @pytest.fixture
-def stored(home, tiny):
-    """The synthetic cohort in this test's brainlm home."""
+def stored(home, pretrained):
+    """The task cohort of the interpretation setup, stored in this test's brainlm home."""
     settings = load_settings()
-    shutil.copytree(tiny.cohort_path, settings.cohorts_dir / COHORT)
+    shutil.copytree(pretrained(INTERPRETATION).cohort_path, settings.cohorts_dir / COHORT)
     return settings, open_cohort(COHORT)
 
 
 @pytest.fixture
-def registered(stored, tiny):
+def registered(stored, pretrained):
     """The pretrained checkpoint registered as brainlm-pretrained v1 @champion."""
     settings, cohort = stored
-    run_id = registry.start_run(settings.mlflow.pretrain_experiment, "pretrain-tiny", {}, {}, settings)
-    registry.log_pretrained(run_id, tiny.checkpoint, tiny.cfg, pipelines.cohort_info(cohort), None, preset="tiny",
-                            settings=settings)
-    registry.end_run(run_id, "FINISHED", settings)
-    registry.promote(settings.mlflow.pretrained_model, 1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is much faster than two on a busy machine
-    yield settings, cohort
-    torch.set_num_threads(before)
+    register_pretrained(pretrained(INTERPRETATION), settings, alias=settings.mlflow.production_alias)
+    return settings, cohort
 
 
 def _refuse_pickles(*args, **kwargs):
@@ -118,9 +102,12 @@ def test_interpretation_commands_report_and_track_without_participant_ids(regist
     assert all(r.info.status == "FINISHED" for r in runs)
     networks_run = next(r for r in runs if r.data.tags["task"] == "networks")
     assert networks_run.data.metrics["fc_accuracy"] == pytest.approx(rows["fc"][0], abs=1e-3)
-    assert networks_run.data.params["labels"] == "yeo7" and networks_run.data.tags["model"] == champion
+    assert networks_run.data.params["labels"] == "yeo7" and networks_run.data.params["model_uri"] == champion
+    assert networks_run.data.tags["pretrained_model"] == f"{settings.mlflow.pretrained_model}/1"
     assert {"confusion.png", "networks_table.tsv"} <= {a.path for a in client.list_artifacts(networks_run.info.run_id)}
 
+    # MLflow's own loader resolves `models:/` against the process-wide URI, which the registry leaves unset.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri())
     with monkeypatch.context() as patched:  # the served model is code + safetensors: no pickle is read
         for module, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
             patched.setattr(module, name, _refuse_pickles)
@@ -133,6 +120,15 @@ def test_interpretation_commands_report_and_track_without_participant_ids(regist
     spec[:8] = 2.0
     moved = served.predict({"signals": signals, "coords": cohort.atlas.coords, "perturbation": spec})
     assert moved["change"].shape == (2, cohort.n_parcels) and moved["change"].max() > 0
+
+    # Self-sufficient like every registered model: the brainlm code it runs travels inside it, and its
+    # requirements are pinned index packages (pandas for the perturbation tables).
+    files = Path(mlflow.artifacts.download_artifacts("models:/brainlm-perturbation@challenger",
+                                                     dst_path=str(tmp_path / "served")))
+    requirements = (files / "requirements.txt").read_text().split()
+    assert all("==" in r for r in requirements) and not any(r.startswith("brainlm") for r in requirements)
+    assert {"torch", "pandas", "mlflow"} <= {r.split("==")[0] for r in requirements}, requirements
+    assert (files / "code" / "brainlm" / "tasks" / "perturb.py").is_file()
 
     assert_no_participant_ids(settings, cohort.participants)
 

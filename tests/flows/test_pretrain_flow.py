@@ -5,6 +5,7 @@ import re
 import pandas as pd
 import pytest
 from fixtures_cohort import make_cohort
+from fixtures_prefect import flow_run_states
 from mlflow import MlflowClient
 
 from brainlm import pipelines, registry
@@ -20,23 +21,32 @@ def test_pretrain_flow_registers_a_challenger(home, assert_no_participant_ids):
     settings = load_settings()
     cohort = open_cohort(make_cohort(settings.cohorts_dir / "fixture", n_participants=8, parcels=16, timepoints=240))
 
-    result = pretrain(cohort="fixture", preset="tiny", epochs=2, batch_size=8, num_workers=1)
+    state = pretrain(cohort="fixture", preset="tiny", steps=5, eval_every=3, batch_size=8, num_workers=1, lr=1e-3,
+                     betas=[0.8, 0.9], use_gpu=False, return_state=True)
+    result = state.result()
+
+    # Prefect ran it: the flow run and a task run per step, COMPLETED, as its API reports them.
+    tasks = dict.fromkeys(["load cohort", "check shape", "train", "register"], "COMPLETED")
+    assert flow_run_states(state.state_details.flow_run_id) == ("pretrain", "COMPLETED", tasks)
 
     assert isinstance(result, pipelines.PretrainResult)
     assert (result.model_name, result.version, result.alias) == (settings.mlflow.pretrained_model, "1", "challenger")
     assert (result.checkpoint_dir / "model.safetensors").is_file()
-    [row] = registry.list_models()
+    [row] = registry.list_models(settings=settings)
     assert (row["version"], row["aliases"], row["run_id"]) == ("1", ["challenger"], result.run_id)
     assert (row["cohort"], row["preset"], row["data_version"]) == ("fixture", "tiny", registry.UNVERSIONED)
-    assert row["metrics"]["epoch"] == 2 and row["metrics"]["val_masked_mse"] > 0
+    assert row["metrics"]["step"] == 5 and row["metrics"]["windows"] == 40 and row["metrics"]["val_masked_mse"] > 0
+    assert "trained     5 optimiser steps, 40 windows" in result.summary()
 
     client = MlflowClient(settings.tracking_uri())
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["model.hidden"] == str(preset("tiny").hidden) and run.data.params["train.epochs"] == "2"
+    params = run.data.params
+    assert params["model.hidden"] == str(preset("tiny").hidden) and params["train.steps"] == "5"
+    assert (params["train.lr"], params["train.betas"], params["train.eval_every"]) == ("0.001", "[0.8, 0.9]", "3")
     assert run.data.tags["cohort"] == "fixture" and run.data.tags["preset"] == "tiny"
-    # one point per epoch, logged by the Ray worker from nothing but the run id
-    assert [m.step for m in client.get_metric_history(result.run_id, "val_masked_mse")] == [1, 2]
+    # one point per evaluation (every 3 steps and the last), logged by the Ray worker from the run id + settings
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_masked_mse")] == [3, 5]
     assert_no_participant_ids(settings, cohort.participants)
 
 

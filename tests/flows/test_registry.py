@@ -4,6 +4,7 @@ A registered model must come back bit-identical without a single pickle being re
 safetensors, JSON/YAML and code only), and nothing MLflow stores may name a participant of its cohort.
 """
 
+import os
 import pickle
 from pathlib import Path
 
@@ -12,11 +13,12 @@ import pytest
 import torch
 from fixtures_cohort import make_cohort
 
+from brainlm import checkpoint as checkpoints
 from brainlm import pipelines, registry
 from brainlm.config import TrainConfig, load_settings, preset, to_dict
 from brainlm.data.store import open_cohort
+from brainlm.engine import build_optimizer, build_scheduler
 from brainlm.model import BrainLM
-from brainlm.train import build_optimizer, save_checkpoint
 
 PARCELS = 12
 SAFE_SUFFIXES = {".safetensors", ".json", ".yaml", ".txt", ".py"}
@@ -36,9 +38,11 @@ def checkpoint(tmp_path):
     torch.manual_seed(1)
     model = BrainLM(cfg)
     optimizer = build_optimizer(model, train_cfg, "cpu")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    metrics = {"val_masked_mse": 0.5, "val_masked_r2": 0.25, "val_zero_mse": 0.9}
-    directory = save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, 1, 10, cfg, train_cfg, metrics)
+    scheduler = build_scheduler(optimizer, train_cfg)
+    metrics = {"step": 10, "windows": 160, "lr": 1e-4, "val_masked_mse": 0.5, "val_masked_r2": 0.25,
+               "val_zero_mse": 0.9}
+    directory = checkpoints.save(tmp_path / "ckpt", model, optimizer, scheduler, step=10, windows=160,
+                                 model_cfg=cfg, train_cfg=train_cfg, metrics=metrics)
     return directory, model.eval(), cfg
 
 
@@ -58,19 +62,25 @@ def test_register_promote_and_load_without_pickles(cohort, checkpoint, monkeypat
     name = settings.mlflow.pretrained_model
 
     run_id = registry.start_run(settings.mlflow.pretrain_experiment, "registry-test", {"model": to_dict(cfg)},
-                                {"cohort": cohort.name}, settings)
-    registry.log_metrics(run_id, {"val_masked_mse": 0.7, "note": "not a number"}, step=1)
+                                {"cohort": cohort.name}, settings=settings)
+    registry.log_metrics(run_id, {"val_masked_mse": 0.7, "note": "not a number"}, step=1, settings=settings)
     version = registry.log_pretrained(run_id, directory, cfg, pipelines.cohort_info(cohort), "md5abc@rev123",
                                       preset="tiny", settings=settings)
-    registry.end_run(run_id, "FINISHED", settings)
+    registry.end_run(run_id, "FINISHED", settings=settings)
+    # Logging a model used MLflow's process-wide tracking URI only while it ran: nothing was left behind
+    # for later code (another home, a process started afterwards) to pick up.
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() != settings.tracking_uri()
 
     assert (version.name, str(version.version), version.aliases) == (name, "1", ["challenger"])
     assert version.tags["data_version"] == "md5abc@rev123"
     assert version.tags["cohort"] == "fixture" and version.tags["preset"] == "tiny"
     assert float(version.tags["metric.val_masked_mse"]) == 0.5
+    # the version carries quality metrics and how long the model trained, not bookkeeping such as the lr
+    assert float(version.tags["metric.step"]) == 10 and float(version.tags["metric.windows"]) == 160
+    assert "metric.lr" not in version.tags
 
-    registry.promote(name, version.version)
-    rows = registry.list_models()
+    registry.promote(name, version.version, settings=settings)
+    rows = registry.list_models(settings=settings)
     assert len(rows) == 1
     row = rows[0]
     assert (row["name"], row["version"], row["aliases"], row["run_id"]) == (name, "1", ["challenger", "champion"], run_id)
@@ -78,9 +88,10 @@ def test_register_promote_and_load_without_pickles(cohort, checkpoint, monkeypat
     assert row["metrics"]["val_masked_mse"] == 0.5 and row["metrics"]["val_zero_mse"] == 0.9
     assert row["created"].endswith("+00:00")
 
-    # Only safetensors, JSON/YAML and code in the logged model: there is no pickle to read.
-    files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "dl"),
-                                                     tracking_uri=settings.tracking_uri()))
+    # Only safetensors, JSON/YAML and code in the logged model: there is no pickle to read. (MLflow's own
+    # functions resolve `models:/` URIs against the process-wide URI, which the registry leaves unset.)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri())
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "dl")))
     names = sorted(p.relative_to(files).as_posix() for p in files.rglob("*") if p.is_file())
     assert "serving.py" in names and any(n.endswith("model.safetensors") for n in names)
     unsafe = [n for n in names if Path(n).suffix not in SAFE_SUFFIXES and Path(n).name not in SAFE_NAMES]
@@ -88,9 +99,9 @@ def test_register_promote_and_load_without_pickles(cohort, checkpoint, monkeypat
 
     # ...and loading (ours and MLflow's pyfunc) works with every unpickling entry point made to raise.
     forbid_unpickling(monkeypatch)
-    loaded, loaded_cfg = registry.load_model(f"models:/{name}@champion")
+    loaded, loaded_cfg = registry.load_model(f"models:/{name}@champion", settings=settings)
     assert loaded_cfg == cfg
-    assert registry.load_model(name, alias="challenger")[1] == cfg
+    assert registry.load_model(name, alias="challenger", settings=settings)[1] == cfg
     signals, coords = torch.randn(2, PARCELS, cfg.window), torch.from_numpy(cohort.atlas.coords)
     noise = torch.rand(2, PARCELS * cfg.patches_per_parcel)
     with torch.no_grad():
@@ -102,9 +113,9 @@ def test_register_promote_and_load_without_pickles(cohort, checkpoint, monkeypat
     torch.testing.assert_close(torch.from_numpy(out["cls"]), original.embed(signals, coords).cls)
 
     with pytest.raises(registry.RegistryError, match="no version 7"):
-        registry.promote(name, 7)
+        registry.promote(name, 7, settings=settings)
     with pytest.raises(registry.RegistryError, match="cannot resolve"):
-        registry.load_model(name, alias="nobody")
+        registry.load_model(name, alias="nobody", settings=settings)
     assert_no_participant_ids(settings, cohort.participants)
 
 

@@ -9,8 +9,10 @@ from fixtures_cohort import make_cohort
 from brainlm.config import NetworksConfig, PerturbConfig, preset
 from brainlm.data.atlas import Atlas
 from brainlm.data.store import open_cohort
+from brainlm.errors import ConfigError
 from brainlm.model import BrainLM
-from brainlm.tasks.attention import AttentionError, attention_weights, cls_attention, untrained_like, windows
+from brainlm.tasks.attention import AttentionError, attention_weights, cls_attention, untrained_like
+from brainlm.tasks.common import TaskError, cut_windows, sample_recordings
 from brainlm.tasks.networks import (
     NetworksError,
     feature_rows,
@@ -81,11 +83,18 @@ def test_decoder_parcel_attention_pairs_masked_queries_with_visible_keys(model, 
 
 def test_windows_are_aligned_from_the_start():
     recording = np.arange(3 * 250, dtype=np.float32).reshape(3, 250)
-    x = windows(recording, 100)
+    x = cut_windows(recording, 100)
     assert x.shape == (2, 3, 100) and x[1, 0, 0] == 100 and x[0, 2, 0] == 500
-    assert windows(recording, 100, max_windows=1).shape == (1, 3, 100)
-    with pytest.raises(AttentionError, match="shorter than the model's 300-TR window"):
-        windows(recording, 300)
+    assert cut_windows(recording, 100, max_windows=1).shape == (1, 3, 100)
+    with pytest.raises(TaskError, match="shorter than the model's 300-TR window"):
+        cut_windows(recording, 300)
+
+
+def test_recording_samples_are_seeded_and_keep_their_order():
+    ids = [f"r{i}" for i in range(10)]
+    chosen = sample_recordings(ids, 4, seed=1)
+    assert chosen == sample_recordings(ids, 4, seed=1) and len(chosen) == 4
+    assert chosen == sorted(chosen, key=ids.index) and sample_recordings(ids, None, 1) == ids
 
 
 # ------------------------------------------------------------------------------------------ networks
@@ -206,5 +215,5 @@ def test_perturbation_matches_the_target_sparsely_and_leaves_the_model_alone(mod
     assert (nothing.size == 0).all() and nothing.loss_end == pytest.approx(1.0)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())  # frozen only while optimising
-    with pytest.raises(PerturbError, match="unknown perturbation mode"):
-        optimise_perturbation(model, source, target, coords, PerturbConfig(mode="voxel"))
+    with pytest.raises(ConfigError, match="PerturbConfig.mode = 'voxel': must be one of"):
+        PerturbConfig(mode="voxel")

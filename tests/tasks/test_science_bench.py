@@ -1,4 +1,4 @@
-"""bench/science.py networks runs on the CPU and prints its two tables (figures are not asserted)."""
+"""bench/science.py runs end to end (a smoke run: tiny cohort, few steps) and prints every section's table."""
 
 import os
 import subprocess
@@ -11,14 +11,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_networks_section_prints_a_table_per_label_set():
+def test_science_bench_prints_forecast_clinical_and_network_tables():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "science.py"), "networks", "--parcels", "40",
-                           "--subjects", "3", "--steps", "3", "--recordings", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "science.py"), "--quick", "--targets", "age"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
+    assert "## Forecasting" in out and "## Clinical: age" in out and "brainlm vs var: MSE" in out
+    for model in ("brainlm", "scratch", "lstm", "ode", "var", "ar1", "persistence", "ridge_fc", "svr_embedding"):
+        assert f"\n{model} " in out, model
+    networks = out[out.index("## Networks"):]
     for labels in ("yeo7:", "cole_anticevic:"):
-        block = out[out.index(labels):]
-        rows = [line.split()[0] for line in block.splitlines()[2:8]]
+        block = networks[networks.index(labels):]
+        rows = [line.split()[0] for line in block.splitlines()[3:9]]
         assert rows == ["attention", "fc", "untrained", "coordinates", "chance", "planted"], block

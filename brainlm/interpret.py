@@ -7,9 +7,11 @@
     register_perturbation_model(cohort, model_uri)         brainlm perturb --register
 
 Each writes a report folder (TSV tables, PNG figures, summary.json) and logs the same files, its configuration
-(params), its cohort and model (tags) and its headline numbers (metrics) to one run of the tasks experiment.
-What is written is per parcel, per network or a count: never a recording or participant id. Params, tags, the
-run name and every text file of the report are checked for the cohort's participant ids before they are logged.
+(params), its cohort, data version and the model it read (tags, as `brainlm evaluate` does) and its headline
+numbers (metrics) to one run of the tasks experiment (`brainlm.evaluate.tracked_run`). What is written is per
+parcel, per network or a count: never a recording or participant id. Params, tags, the run name and every text
+file of the report are checked for the cohort's participant ids before they are logged. The computations are
+the pure functions of brainlm/tasks/ (networks.py, attention.py, perturb.py, plots.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,21 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from brainlm import registry
+from brainlm import checkpoint, registry
 from brainlm.config import AttentionConfig, NetworksConfig, PerturbConfig, Settings, load_settings, to_dict
 from brainlm.data.store import Cohort, open_cohort
+from brainlm.evaluate import TASK_REQUIREMENTS, load_pretrained, run_tags, tracked_run
 from brainlm.model import BrainLM
-from brainlm.pipelines import check_cohort, check_no_participant_ids
-from brainlm.tasks import attention, figures, networks, perturb
+from brainlm.tasks import attention, networks, perturb, plots
+from brainlm.tasks.common import (
+    BrainLMBackbone,
+    check_backbone_fits,
+    fixed_windows,
+    sample_recordings,
+    table_text,
+)
 
-SERVING_PERTURBATION = Path(__file__).parents[1] / "serving_perturbation.py"
+PERTURBATION_MODEL = "brainlm-perturbation"  # registered name of the served perturbation model
 TOP_PARCELS = 10  # parcels listed in the printed summaries
 
 
@@ -71,11 +78,9 @@ def run_networks(cohort: str | Path, cfg: NetworksConfig | None = None, *, model
     settings = settings or load_settings()
     opened = open_cohort(cohort, settings)
     column = networks.label_column(opened.atlas, cfg.labels)  # a user mistake fails before MLflow is touched
-    settings = registry.configure(settings)
-    uri = model_uri or default_model_uri(settings)
-    model = _load(uri, opened, settings)
+    model, uri, lineage = _load(model_uri, opened, settings)
     params = {"networks": to_dict(cfg), "labels": column}
-    with _tracked("networks", opened, uri, params, report_dir, settings) as report:
+    with _reported("networks", opened, uri, lineage, params, report_dir, settings) as report:
         result = networks.identify_networks(model, opened, cfg)
         table = result.table()
         folder = report.folder
@@ -87,10 +92,10 @@ def run_networks(cohort: str | Path, cfg: NetworksConfig | None = None, *, model
         for name, score in result.scores.items():
             pd.DataFrame(score.confusion, index=result.networks, columns=result.networks).to_csv(
                 folder / f"confusion_{name}.tsv", sep="\t")
-        figures.confusion({m: s.confusion for m, s in result.scores.items()}, result.networks,
+        plots.confusion({m: s.confusion for m, s in result.scores.items()}, result.networks,
                           folder / "confusion.png", f"{opened.name}: parcels into {column} networks (kNN)")
         labels = [label.strip() for label in opened.atlas.networks[column]]
-        figures.connectome(result.matrices["attention"], opened.atlas.coords, labels,
+        plots.connectome(result.matrices["attention"], opened.atlas.coords, labels,
                            folder / "attention_connectome.png", f"attention ({cfg.source}), nodes by {column}")
         report.metrics.update({f"{m}_{k}": v for m, s in result.scores.items()
                                for k, v in (("accuracy", s.accuracy), ("balanced_accuracy", s.balanced_accuracy))})
@@ -106,7 +111,7 @@ def run_networks(cohort: str | Path, cfg: NetworksConfig | None = None, *, model
             f"kNN (k={cfg.neighbours}) on {result.folds} stratified folds; attention from the {cfg.source}, "
             f"layer {'mean' if cfg.layer is None else cfg.layer}",
             "",
-            _format(table, ["method", "accuracy", "balanced_accuracy"]),
+            _text(table, ["method", "accuracy", "balanced_accuracy"]),
             f"chance: accuracy {result.chance_accuracy:.3f} (largest network), balanced accuracy "
             f"{result.chance_balanced:.3f}",
         ]
@@ -127,12 +132,10 @@ def run_attention(cohort: str | Path, column: str, groups: tuple[str, str] | Non
     opened = open_cohort(cohort, settings)
     split = attention.split_groups(opened, column, groups, threshold)
     attention.network_labels_or_none(opened, cfg.networks)  # an unknown network column fails here, early
-    settings = registry.configure(settings)
-    uri = model_uri or default_model_uri(settings)
-    model = _load(uri, opened, settings)
+    model, uri, lineage = _load(model_uri, opened, settings)
     params = {"attention": to_dict(cfg), "groups": {"column": column, "a": split.names[0], "b": split.names[1]},
               "networks_column": attention.network_column(opened.atlas, cfg.networks)}
-    with _tracked("attention", opened, uri, params, report_dir, settings) as report:
+    with _reported("attention", opened, uri, lineage, params, report_dir, settings) as report:
         result, maps = attention.cls_contrast(model, opened, split, cfg)
         reference, _ = attention.cls_contrast(attention.untrained_like(model, cfg.seed), opened, split, cfg)
         folder = report.folder
@@ -143,12 +146,12 @@ def run_attention(cohort: str | Path, column: str, groups: tuple[str, str] | Non
                                       float_format="%.6g")
         coords = opened.atlas.coords
         a, b = split.names
-        figures.glass_brain(maps.mass[split.in_a].mean(0), coords, folder / "cls_attention_group_a.png",
+        plots.glass_brain(maps.mass[split.in_a].mean(0), coords, folder / "cls_attention_group_a.png",
                             f"CLS attention: {a} (n={int(split.in_a.sum())} recordings)")
-        figures.glass_brain(maps.mass[~split.in_a].mean(0), coords, folder / "cls_attention_group_b.png",
+        plots.glass_brain(maps.mass[~split.in_a].mean(0), coords, folder / "cls_attention_group_b.png",
                             f"CLS attention: {b} (n={int((~split.in_a).sum())} recordings)")
         significant = result.parcels["p_fdr"].to_numpy() < cfg.alpha
-        figures.glass_brain(result.parcels["statistic"].to_numpy(), coords, folder / "cls_contrast.png",
+        plots.glass_brain(result.parcels["statistic"].to_numpy(), coords, folder / "cls_contrast.png",
                             f"{a} vs {b}: {result.statistic} (large: FDR < {cfg.alpha:g})",
                             diverging=cfg.resolution == "recording", highlight=significant)
         report.metrics.update(result.counts)
@@ -172,14 +175,14 @@ def run_attention(cohort: str | Path, column: str, groups: tuple[str, str] | Non
             f"permutations; p_fdr: Benjamini-Hochberg, p_fwer: max-statistic",
         ]
         if not result.networks.empty:
-            report.lines += ["", _format(result.networks, ["network", "parcels", "difference", "statistic", "p",
+            report.lines += ["", _text(result.networks, ["network", "parcels", "difference", "statistic", "p",
                                                            "p_fdr", "p_fwer"]),
                              "untrained model of the same architecture, strongest networks: "
                              + ", ".join(f"{n} ({v:.2f})" for n, v in
                                          zip(reference.networks["network"][:3], reference.networks["statistic"][:3],
                                              strict=False))]
         report.lines += ["", f"top {TOP_PARCELS} parcels",
-                         _format(top.head(TOP_PARCELS), ["name", "network", "difference", "statistic", "p", "p_fdr",
+                         _text(top.head(TOP_PARCELS), ["name", "network", "difference", "statistic", "p", "p_fdr",
                                                           "p_fwer"])]
         report.result = result
     return report
@@ -205,15 +208,13 @@ def run_perturb(cohort: str | Path, column: str, groups: tuple[str, str] | None 
         split = attention.split_groups(opened, column, groups, None)
         source_in, (source, target) = split.in_a, split.names
     labels = attention.network_labels_or_none(opened, cfg.networks)
-    settings = registry.configure(settings)
-    uri = model_uri or default_model_uri(settings)
-    model = _load(uri, opened, settings)
+    model, uri, lineage = _load(model_uri, opened, settings)
     params = {"perturb": to_dict(cfg), "groups": {"column": column, "source": source, "target": target},
               "networks_column": attention.network_column(opened.atlas, cfg.networks)}
-    with _tracked("perturb", opened, uri, params, report_dir, settings) as report:
+    with _reported("perturb", opened, uri, lineage, params, report_dir, settings) as report:
         ids = np.array(split.recording_ids)
-        source_windows = _windows(opened, _sample(ids[source_in], cfg), model, cfg.max_windows)
-        target_windows = _windows(opened, _sample(ids[~source_in], cfg), model, cfg.max_windows)
+        source_windows = _windows(opened, ids[source_in].tolist(), model, cfg)
+        target_windows = _windows(opened, ids[~source_in].tolist(), model, cfg)
         coords = torch.from_numpy(opened.atlas.coords)
         result = perturb.optimise_perturbation(model, source_windows, target_windows, coords, cfg,
                                                opened.atlas.names, labels)
@@ -221,7 +222,7 @@ def run_perturb(cohort: str | Path, column: str, groups: tuple[str, str] | None 
         result.parcels.to_csv(folder / "perturbation_parcels.tsv", sep="\t", index=False, float_format="%.6g")
         result.networks.to_csv(folder / "perturbation_networks.tsv", sep="\t", index=False, float_format="%.6g")
         np.save(folder / "perturbation.npy", result.delta.astype(np.float32))
-        figures.glass_brain(result.size, opened.atlas.coords, folder / "perturbation.png",
+        plots.glass_brain(result.size, opened.atlas.coords, folder / "perturbation.png",
                             f"perturbation {source} → {target} ({cfg.representation}): rms per parcel")
         touched = int((result.size > 0).sum())
         report.metrics.update({"matching_loss_start": result.loss_start, "matching_loss_end": result.loss_end,
@@ -234,8 +235,8 @@ def run_perturb(cohort: str | Path, column: str, groups: tuple[str, str] | None 
             f"{result.loss_start:.3f} → {result.loss_end:.3f}; {touched} of {len(result.size)} parcels perturbed",
         ]
         if not result.networks.empty:
-            report.lines += ["", _format(result.networks, ["network", "parcels", "size", "share"])]
-        report.lines += ["", f"top {TOP_PARCELS} parcels", _format(result.parcels.head(TOP_PARCELS),
+            report.lines += ["", _text(result.networks, ["network", "parcels", "size", "share"])]
+        report.lines += ["", f"top {TOP_PARCELS} parcels", _text(result.parcels.head(TOP_PARCELS),
                                                                   ["rank", "name", "network", "size"])]
         report.result = result
     return report
@@ -250,21 +251,18 @@ def run_drive(cohort: str | Path, parcels: list[str], signal: str = "sine", ampl
     opened = open_cohort(cohort, settings)
     labels = attention.network_labels_or_none(opened, cfg.networks)
     positions = _parcel_positions(opened, parcels, labels)
-    settings = registry.configure(settings)
-    uri = model_uri or default_model_uri(settings)
-    model = _load(uri, opened, settings)
+    model, uri, lineage = _load(model_uri, opened, settings)
     params = {"perturb": to_dict(cfg), "drive": {"parcels": parcels, "signal": signal, "amplitude": amplitude,
                                                  "period": period}}
-    with _tracked("drive", opened, uri, params, report_dir, settings) as report:
-        ids = _sample(np.array(opened.recording_ids), cfg)
-        x = _windows(opened, ids, model, cfg.max_windows)
+    with _reported("drive", opened, uri, lineage, params, report_dir, settings) as report:
+        x = _windows(opened, opened.recording_ids, model, cfg)
         wave = perturb.drive_signal(signal, model.cfg.window, amplitude, period)
         result = perturb.drive(model, x, torch.from_numpy(opened.atlas.coords), positions.tolist(), wave,
                                cfg.horizon, opened.atlas.names, labels)
         folder = report.folder
         result.parcels.to_csv(folder / "drive_parcels.tsv", sep="\t", index=False, float_format="%.6g")
         result.networks.to_csv(folder / "drive_networks.tsv", sep="\t", index=False, float_format="%.6g")
-        figures.glass_brain(result.change, opened.atlas.coords, folder / "drive_change.png",
+        plots.glass_brain(result.change, opened.atlas.coords, folder / "drive_change.png",
                             f"forecast change, driving {len(positions)} parcel(s) with a {signal} (large: driven)",
                             highlight=result.driven)
         undriven = result.change[~result.driven]
@@ -277,9 +275,9 @@ def run_drive(cohort: str | Path, parcels: list[str], signal: str = "sine", ampl
         ]
         if not result.networks.empty:
             report.lines += ["", "forecast change of the other parcels, by network",
-                             _format(result.networks, ["network", "parcels", "change"])]
+                             _text(result.networks, ["network", "parcels", "change"])]
         report.lines += ["", f"top {TOP_PARCELS} undriven parcels",
-                         _format(result.parcels.head(TOP_PARCELS), ["name", "network", "change"])]
+                         _text(result.parcels.head(TOP_PARCELS), ["name", "network", "change"])]
         report.result = result
     return report
 
@@ -288,59 +286,55 @@ def register_perturbation_model(cohort: str | Path, model_uri: str | None = None
                                 settings: Settings | None = None):
     """Register the model's weights as `brainlm-perturbation` (served by serving_perturbation.py); alias challenger.
 
-    The input example is noise (never a participant's data) over the cohort's parcels and centroids.
+    Like every registered model it carries the brainlm code it runs and names only index packages. The input
+    example is noise (never a participant's data) over the cohort's parcels and centroids.
     """
-    settings = registry.configure(settings)
+    settings = settings or load_settings()
     opened = open_cohort(cohort, settings)
-    uri = model_uri or default_model_uri(settings)
-    model, model_cfg = registry.load_model(uri, settings=settings)
+    model, uri, lineage = _load(model_uri, opened, settings)
     rng = np.random.default_rng(0)
-    P, T = opened.atlas.n_parcels, model_cfg.window
+    P, T = opened.atlas.n_parcels, model.cfg.window
     example = {"signals": rng.standard_normal((1, P, T), dtype=np.float32),
                "coords": opened.atlas.coords.astype(np.float32),
                "perturbation": np.zeros((P, T), dtype=np.float32)}
     example["perturbation"][0] = perturb.drive_signal("sine", T)
     output = perturb.predict_perturbation(model, example, {"horizon": 1})
-    run_name = _run_name("perturbation-model", opened)
-    tags = {"task": "perturbation-model", "source_model": uri, registry.COHORT_TAG: opened.name}
-    check_no_participant_ids(opened, tags, {"run_name": run_name})
-    run_id = registry.start_run(settings.mlflow.tasks_experiment, run_name, {"model": to_dict(model_cfg)}, tags,
-                                settings)
-    with tempfile.TemporaryDirectory() as tmp, _fail_on_error(run_id, settings):
-        weights = Path(tmp) / registry.WEIGHTS_FILE
+    run_name = registry.unique_run_name("perturbation-model", opened.name)
+    tags = run_tags("perturbation-model", opened, lineage, settings)
+    params = {"model": to_dict(model.cfg), "model_uri": uri}
+    with tracked_run(opened, run_name, params, tags, settings) as run_id, tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / checkpoint.MODEL_FILE
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-        version = registry.log_model(
-            run_id, weights, to_dict(model_cfg), registered_model_name=perturb.PERTURBATION_MODEL,
-            input_example=example, output_example=output, metrics={}, tags={"source_model": uri},
-            code=SERVING_PERTURBATION, params={"horizon": 1}, settings=settings,
+        return registry.log_model(
+            run_id, weights, to_dict(model.cfg), registered_model_name=PERTURBATION_MODEL, input_example=example,
+            output_example=output, metrics={}, tags=tags, code=registry.SERVING_PERTURBATION_CODE,
+            pip_requirements=TASK_REQUIREMENTS, params={"horizon": 1}, settings=settings,
         )
-    registry.end_run(run_id, "FINISHED", settings)
-    return version
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _load(uri: str, cohort: Cohort, settings: Settings) -> BrainLM:
-    """The registered model, checked to fit the cohort (every recording fills a window)."""
-    model, model_cfg = registry.load_model(uri, settings=settings)
-    check_cohort(cohort, model_cfg)
-    return model
+def _load(model_uri: str | None, cohort: Cohort, settings: Settings) -> tuple[BrainLM, str, dict[str, str]]:
+    """(model, its URI, lineage tags): the registered model (default: the champion), checked to fit the cohort."""
+    registry.configure(settings)
+    uri = model_uri or default_model_uri(settings)
+    model, lineage = load_pretrained(uri, settings)
+    check_backbone_fits(BrainLMBackbone(model), cohort)  # every recording fills a window
+    return model, uri, lineage
 
 
 @contextlib.contextmanager
-def _tracked(task: str, cohort: Cohort, model_uri: str, params: dict[str, Any], report_dir: str | Path | None,
-             settings: Settings) -> Iterator[TaskReport]:
-    """An MLflow run in the tasks experiment around a task; on success its report folder is logged with it."""
-    run_name = _run_name(task, cohort)
+def _reported(task: str, cohort: Cohort, model_uri: str, lineage: dict[str, str], params: dict[str, Any],
+              report_dir: str | Path | None, settings: Settings) -> Iterator[TaskReport]:
+    """A tracked run around a task; when the task completes, its report folder is checked and logged with it."""
+    from brainlm.pipelines import check_no_participant_ids
+    run_name = registry.unique_run_name(task, cohort.name)
     folder = Path(report_dir) if report_dir else settings.home / "reports" / run_name
     params = {**params, "model_uri": model_uri, "cohort": cohort.name}
-    tags = {"task": task, registry.COHORT_TAG: cohort.name, "model": model_uri}
-    check_no_participant_ids(cohort, params, tags, {"run_name": run_name})
-    folder.mkdir(parents=True, exist_ok=True)
-    run_id = registry.start_run(settings.mlflow.tasks_experiment, run_name, params, tags, settings)
-    report = TaskReport(task=task, run_id=run_id, run_name=run_name, folder=folder)
-    with _fail_on_error(run_id, settings):
+    with tracked_run(cohort, run_name, params, run_tags(task, cohort, lineage, settings), settings) as run_id:
+        folder.mkdir(parents=True, exist_ok=True)
+        report = TaskReport(task=task, run_id=run_id, run_name=run_name, folder=folder)
         yield report
         (folder / "summary.json").write_text(json.dumps(
             {"task": task, "cohort": cohort.name, "model": model_uri, "params": params, "metrics": report.metrics},
@@ -350,34 +344,12 @@ def _tracked(task: str, cohort: Cohort, model_uri: str, params: dict[str, Any], 
                 check_no_participant_ids(cohort, {path.name: path.read_text()})
         registry.log_metrics(run_id, report.metrics, step=0, settings=settings)
         registry.log_artifacts(run_id, folder, settings=settings)
-    registry.end_run(run_id, "FINISHED", settings)
 
 
-@contextlib.contextmanager
-def _fail_on_error(run_id: str, settings: Settings) -> Iterator[None]:
-    try:
-        yield
-    except BaseException as e:
-        registry.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", settings)
-        raise
-
-
-def _run_name(task: str, cohort: Cohort) -> str:
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return f"{task}-{cohort.name}-{stamp}-{uuid.uuid4().hex[:6]}"
-
-
-def _sample(ids: np.ndarray, cfg: PerturbConfig) -> list[str]:
-    """At most `cfg.max_recordings` of `ids` (a seeded sample, in their order)."""
-    ids = list(ids)
-    if cfg.max_recordings is None or cfg.max_recordings >= len(ids):
-        return ids
-    chosen = np.random.default_rng(cfg.seed).choice(len(ids), size=cfg.max_recordings, replace=False)
-    return [ids[i] for i in sorted(chosen)]
-
-
-def _windows(cohort: Cohort, ids: list[str], model: BrainLM, max_windows: int | None) -> torch.Tensor:
-    return torch.cat([attention.windows(cohort.recording(r), model.cfg.window, max_windows) for r in ids])
+def _windows(cohort: Cohort, ids: list[str], model: BrainLM, cfg: PerturbConfig) -> torch.Tensor:
+    """The first `cfg.max_windows` windows of a seeded sample of `cfg.max_recordings` of the recordings `ids`."""
+    chosen = sample_recordings(ids, cfg.max_recordings, cfg.seed)
+    return torch.from_numpy(fixed_windows(cohort, chosen, model.cfg.window, max_windows=cfg.max_windows).signals)
 
 
 def _parcel_positions(cohort: Cohort, parcels: list[str], labels: list[str] | None) -> np.ndarray:
@@ -396,16 +368,8 @@ def _parcel_positions(cohort: Cohort, parcels: list[str], labels: list[str] | No
     return np.unique(rows)
 
 
-def _format(table: pd.DataFrame, columns: list[str]) -> str:
-    """A fixed-width text table: numbers with 3 decimals; p-values and differences in 3 significant digits."""
-    def cell(column: str, value: Any) -> str:
-        if isinstance(value, float | np.floating):
-            return f"{value:.3g}" if column in ("p", "p_fdr", "p_fwer", "difference") else f"{value:.3f}"
-        return str(value)
-
-    rows = [[cell(c, v) for c, v in zip(columns, values, strict=True)] for values in table[columns].itertuples(index=False)]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
-    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths, strict=True)))]
-    for r in rows:
-        text.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
-    return "\n".join(text)
+def _text(table: pd.DataFrame, columns: list[str]) -> str:
+    """`columns` of a table as aligned text, the first as row names: 3 decimals, p-values and differences in 3
+    significant digits."""
+    return table_text(table[columns].set_index(columns[0]), ".3f",
+                      {c: ".3g" for c in ("p", "p_fdr", "p_fwer", "difference")})

@@ -1,6 +1,6 @@
 """Input folders for the ingest tests, written with the real formats (nibabel NIfTI / CIFTI, npy, csv, tsv).
 
-Holds no tests: the builders here are shared by test_ingest*.py, test_bad_input.py and test_versioning.py.
+Holds no tests: the builders here are shared by tests/data/ (ingest, bad input, versioning).
 Every recording is made from known parcel series, so a test can compare what ingest stored with
 `robust_scale(known)` exactly (up to float32 rounding).
 """

@@ -93,10 +93,10 @@ def run_networks(cohort: str | Path, cfg: NetworksConfig | None = None, *, model
             pd.DataFrame(score.confusion, index=result.networks, columns=result.networks).to_csv(
                 folder / f"confusion_{name}.tsv", sep="\t")
         plots.confusion({m: s.confusion for m, s in result.scores.items()}, result.networks,
-                          folder / "confusion.png", f"{opened.name}: parcels into {column} networks (kNN)")
+                        folder / "confusion.png", f"{opened.name}: parcels into {column} networks (kNN)")
         labels = [label.strip() for label in opened.atlas.networks[column]]
         plots.connectome(result.matrices["attention"], opened.atlas.coords, labels,
-                           folder / "attention_connectome.png", f"attention ({cfg.source}), nodes by {column}")
+                         folder / "attention_connectome.png", f"attention ({cfg.source}), nodes by {column}")
         report.metrics.update({f"{m}_{k}": v for m, s in result.scores.items()
                                for k, v in (("accuracy", s.accuracy), ("balanced_accuracy", s.balanced_accuracy))})
         report.metrics.update({"chance_accuracy": result.chance_accuracy,
@@ -147,13 +147,13 @@ def run_attention(cohort: str | Path, column: str, groups: tuple[str, str] | Non
         coords = opened.atlas.coords
         a, b = split.names
         plots.glass_brain(maps.mass[split.in_a].mean(0), coords, folder / "cls_attention_group_a.png",
-                            f"CLS attention: {a} (n={int(split.in_a.sum())} recordings)")
+                          f"CLS attention: {a} (n={int(split.in_a.sum())} recordings)")
         plots.glass_brain(maps.mass[~split.in_a].mean(0), coords, folder / "cls_attention_group_b.png",
-                            f"CLS attention: {b} (n={int((~split.in_a).sum())} recordings)")
+                          f"CLS attention: {b} (n={int((~split.in_a).sum())} recordings)")
         significant = result.parcels["p_fdr"].to_numpy() < cfg.alpha
         plots.glass_brain(result.parcels["statistic"].to_numpy(), coords, folder / "cls_contrast.png",
-                            f"{a} vs {b}: {result.statistic} (large: FDR < {cfg.alpha:g})",
-                            diverging=cfg.resolution == "recording", highlight=significant)
+                          f"{a} vs {b}: {result.statistic} (large: FDR < {cfg.alpha:g})",
+                          diverging=cfg.resolution == "recording", highlight=significant)
         report.metrics.update(result.counts)
         report.metrics.update({
             "parcels_fdr_significant": int(significant.sum()),
@@ -176,14 +176,14 @@ def run_attention(cohort: str | Path, column: str, groups: tuple[str, str] | Non
         ]
         if not result.networks.empty:
             report.lines += ["", _text(result.networks, ["network", "parcels", "difference", "statistic", "p",
-                                                           "p_fdr", "p_fwer"]),
+                                                         "p_fdr", "p_fwer"]),
                              "untrained model of the same architecture, strongest networks: "
                              + ", ".join(f"{n} ({v:.2f})" for n, v in
                                          zip(reference.networks["network"][:3], reference.networks["statistic"][:3],
                                              strict=False))]
         report.lines += ["", f"top {TOP_PARCELS} parcels",
                          _text(top.head(TOP_PARCELS), ["name", "network", "difference", "statistic", "p", "p_fdr",
-                                                          "p_fwer"])]
+                                                        "p_fwer"])]
         report.result = result
     return report
 
@@ -223,7 +223,7 @@ def run_perturb(cohort: str | Path, column: str, groups: tuple[str, str] | None 
         result.networks.to_csv(folder / "perturbation_networks.tsv", sep="\t", index=False, float_format="%.6g")
         np.save(folder / "perturbation.npy", result.delta.astype(np.float32))
         plots.glass_brain(result.size, opened.atlas.coords, folder / "perturbation.png",
-                            f"perturbation {source} → {target} ({cfg.representation}): rms per parcel")
+                          f"perturbation {source} → {target} ({cfg.representation}): rms per parcel")
         touched = int((result.size > 0).sum())
         report.metrics.update({"matching_loss_start": result.loss_start, "matching_loss_end": result.loss_end,
                                "parcels_perturbed": touched, "source_windows": len(source_windows),
@@ -237,7 +237,7 @@ def run_perturb(cohort: str | Path, column: str, groups: tuple[str, str] | None 
         if not result.networks.empty:
             report.lines += ["", _text(result.networks, ["network", "parcels", "size", "share"])]
         report.lines += ["", f"top {TOP_PARCELS} parcels", _text(result.parcels.head(TOP_PARCELS),
-                                                                  ["rank", "name", "network", "size"])]
+                                                                ["rank", "name", "network", "size"])]
         report.result = result
     return report
 
@@ -263,8 +263,8 @@ def run_drive(cohort: str | Path, parcels: list[str], signal: str = "sine", ampl
         result.parcels.to_csv(folder / "drive_parcels.tsv", sep="\t", index=False, float_format="%.6g")
         result.networks.to_csv(folder / "drive_networks.tsv", sep="\t", index=False, float_format="%.6g")
         plots.glass_brain(result.change, opened.atlas.coords, folder / "drive_change.png",
-                            f"forecast change, driving {len(positions)} parcel(s) with a {signal} (large: driven)",
-                            highlight=result.driven)
+                          f"forecast change, driving {len(positions)} parcel(s) with a {signal} (large: driven)",
+                          highlight=result.driven)
         undriven = result.change[~result.driven]
         report.metrics.update({"driven_parcels": len(positions), "windows": len(x),
                                "mean_change_undriven": float(undriven.mean()) if undriven.size else 0.0})

@@ -9,7 +9,7 @@ and checkpoint format, in process: `brainlm.engine.train_in_process`; the launch
 
     DOWNSTREAM      forecasting and clinical prediction (tasks/test_downstream_science.py, flows/test_evaluate_flow.py)
     INTERPRETATION  networks, CLS-attention contrasts, perturbation (tasks/test_synthetic_answers.py,
-                    flows/test_interpretation_cli.py): 64 parcels, so each planted network has several
+                    flows/test_interpretation_cli.py): 48 parcels, so each planted network has several
 
 `pretrained(SETUP)` (the session fixture) trains a setup on first use and returns the same result afterwards.
 Loaded by tests/conftest.py (`pytest_plugins`), so tests in tasks/ and flows/ share one pretraining per setup.
@@ -59,10 +59,11 @@ DOWNSTREAM = Setup(
     train=TrainConfig(steps=600, eval_every=600, lr=3e-3, batch_size=16, warmup_steps=30, val_fraction=0.1,
                       test_fraction=0.0, seed=0),
 )
-# 64 parcels: the seven Yeo networks with several parcels each (8 visual, the network the task drives) plus 14
-# subcortical and cerebellar parcels that no Yeo network labels; every subject has a rest and a task recording.
+# 48 parcels: the seven Yeo networks with 5-6 parcels each (6 visual, the network the task drives) plus 10
+# subcortical and cerebellar parcels that no Yeo network labels; every subject has a rest and a task recording;
+# 24 task subjects, 12 pretraining subjects.
 INTERPRETATION = Setup(
-    synth=SynthConfig(subjects=36, timepoints=300, max_parcels=64, seed=0),
+    synth=SynthConfig(subjects=36, timepoints=300, max_parcels=48, seed=0),
     task_subjects=24,
     train=TrainConfig(steps=1200, eval_every=1200, lr=3e-3, batch_size=16, warmup_steps=60, val_fraction=0.1,
                       test_fraction=0.0, seed=0),

@@ -28,6 +28,7 @@ def tiny(pretrained):
 
 
 def _visual(tiny):
+    """Which parcels belong to the network the task drives (Visual)."""
     truth = tiny.truth
     return np.array(truth.parcel_networks(tiny.cohort().atlas.index)) == truth.task_network
 
@@ -38,7 +39,7 @@ def test_attention_places_parcels_in_the_planted_networks(tiny):
     print(f"\nbalanced accuracy over {len(result.networks)} networks (chance {result.chance_balanced:.3f}):",
           {m: round(v, 3) for m, v in scores.items()}, f"pretrained in {tiny.seconds:.0f} s")
     assert result.column == "yeo7" and len(result.networks) == 7  # subcortex and cerebellum are unlabelled
-    assert result.excluded_unlabelled == 14
+    assert result.excluded_unlabelled == 10
     assert scores["attention"] >= result.chance_balanced + 0.2
     assert scores["attention"] >= scores["untrained"] + 0.15  # fails if pretraining taught the model nothing
 
@@ -49,12 +50,13 @@ def test_task_contrast_puts_the_visual_network_first(tiny):
     cfg = AttentionConfig(resolution="time", permutations=999)
     result, _ = cls_contrast(tiny.model(), cohort, groups, cfg)
     ranked = result.networks
-    hits = precision_at_k(result.parcels["statistic"].to_numpy(), _visual(tiny))
-    print("\n" + ranked[["network", "statistic", "p", "p_fwer"]].round(3).to_string(), f"\nprecision at 8: {hits}")
+    visual = _visual(tiny)
+    hits = precision_at_k(result.parcels["statistic"].to_numpy(), visual)
+    print("\n" + ranked[["network", "statistic", "p", "p_fwer"]].round(3).to_string(), f"\nprecision: {hits}")
     assert result.scheme == "within participants"
     assert ranked["network"][0] == "Visual"  # ranked first; at this size not significant after FWER (see report)
     assert ranked["statistic"][0] >= 1.2 * ranked["statistic"][1]
-    assert hits >= 4 * 8 / 64  # chance: 8 visual parcels of 64
+    assert hits >= 4 * visual.mean()  # chance: the visual share of the parcels (6 of 48)
 
 
 def test_rest_to_task_perturbation_puts_the_visual_network_first(tiny):
@@ -69,6 +71,8 @@ def test_rest_to_task_perturbation_puts_the_visual_network_first(tiny):
     print("\n" + result.networks.round(4).to_string(), f"\nmatching loss {result.loss_end:.3f}")
     assert result.loss_end < 0.5
     assert result.networks["network"][0] == "Visual"
-    # measured: 1.9 × the next network after the fixture's 1 200 pretraining steps; 1.1-1.6 × after 900-1 000
+    # measured: 2.0 × the next network after the fixture's 1 200 pretraining steps (64 parcels: 1.9 ×; and 1.1-1.6 ×
+    # after 900-1 000 steps, with Visual still first)
     assert result.networks["size"][0] >= 1.5 * result.networks["size"][1]
-    assert precision_at_k(result.size, _visual(tiny)) >= 2.5 * 8 / 64  # chance: 8 visual parcels of 64
+    visual = _visual(tiny)
+    assert precision_at_k(result.size, visual) >= 2.5 * visual.mean()  # chance: 6 visual parcels of 48

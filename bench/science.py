@@ -102,7 +102,9 @@ def pretrain(cohort: Cohort, model_cfg: ModelConfig, train_cfg: TrainConfig) -> 
     and its last held-out masked MSE / predicting zero's."""
     def show(m: dict[str, float]) -> None:
         print(f"  pretrain step {m['step']}/{train_cfg.steps}: val masked MSE {m['val_masked_mse']:.4f} "
-              f"({m['val_masked_mse'] / m['val_zero_mse']:.3f} × predicting zero)", flush=True)
+              f"({m['val_masked_mse'] / m['val_zero_mse']:.3f} × predicting zero; spatial reference "
+              f"{m['val_spatial_mse'] / m['val_zero_mse']:.3f} ×, temporal {m['val_temporal_mse'] / m['val_zero_mse']:.3f} ×)",
+              flush=True)
 
     run = train_in_process(cohort, model_cfg, train_cfg, CPU, show)
     m = run.metrics

@@ -51,13 +51,18 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_ingest(args: argparse.Namespace) -> None:
     from brainlm.config import IngestConfig
     from brainlm.data.ingest import ingest
+    from brainlm.hooks import CohortVersioned, cohort_versioned
 
     cfg = IngestConfig(
         min_timepoints=args.min_timepoints, skip_invalid=args.skip_invalid, workers=args.workers,
         push=not args.no_push, executor=args.executor,
     )
     report = ingest(Path(args.src), args.cohort, atlas=args.atlas, atlas_image=args.atlas_image, cfg=cfg)
-    print(report.summary())
+    print(report.summary(), flush=True)
+    event = CohortVersioned.from_report(report)
+    if event is not None:  # a new version: tell the installed hooks (e.g. a Prefect server that re-evaluates)
+        for line in cohort_versioned(event):
+            print(f"  {line}")
 
 
 def cmd_data_versions(args: argparse.Namespace) -> None:
@@ -133,11 +138,32 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from brainlm.config import load_settings
+    from brainlm.config import PromotionConfig, load_settings, with_options
+    from brainlm.errors import ConfigError
+
+    options = [f.name for f in dataclasses.fields(PromotionConfig)]  # every field is a --gate option
+    if args.gate:
+        # Options left unset (None) keep PromotionConfig's value, as in the Prefect flow `promote`.
+        cfg = with_options(PromotionConfig(), **{name: getattr(args, name) for name in options})
+        if args.cohort is None:
+            raise ConfigError("--gate needs --cohort: the cohort whose held-out participants score the models")
+        if args.alias is not None:
+            raise ConfigError("--alias: the gate moves the production alias only (no --alias with --gate)")
+        from brainlm.promotion import gate  # only now: loads MLflow and torch
+
+        decision = gate(args.cohort, args.version, cfg, model=args.name)
+        print(decision.summary())
+        return
+    given = [f"--{name.replace('_', '-')}" for name in ("cohort", *options) if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: only with --gate")
+    if args.name is None or args.version is None:
+        raise ConfigError("promote NAME VERSION moves an alias by hand; --gate --cohort NAME decides by evaluation")
     from brainlm.registry import promote
 
-    promote(args.name, args.version, alias=args.alias, settings=load_settings())
-    print(f"{args.name} version {args.version} is now @{args.alias}")
+    alias = args.alias or "champion"
+    promote(args.name, args.version, alias=alias, settings=load_settings())
+    print(f"{args.name} version {args.version} is now @{alias}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -277,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         ModelConfig,
         NetworksConfig,
         PerturbConfig,
+        PromotionConfig,
         TrainConfig,
         run_options,
     )
@@ -391,10 +418,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="registered models: versions, aliases, metrics, runs").set_defaults(fn=cmd_models)
 
-    s = sub.add_parser("promote", help="move a registry alias (e.g. champion) to a model version")
-    s.add_argument("name")
-    s.add_argument("version")
-    s.add_argument("--alias", default="champion")
+    s = sub.add_parser("promote", help="move a registry alias (e.g. champion) to a model version, by hand or gated",
+                       description="By hand: point --alias (default champion) at NAME VERSION. With --gate: score "
+                                   "the challenger (VERSION, default the one aliased challenger) against the "
+                                   "champion and the reference predictors on the cohort's held-out participants, "
+                                   "promote it only if it wins by the margin, and record why on its version.")
+    s.add_argument("name", nargs="?", default=None, help="registered model (gate: default brainlm-pretrained)")
+    s.add_argument("version", nargs="?", default=None, help="its version (gate: default the @challenger one)")
+    s.add_argument("--alias", default=None, help="the alias to move by hand (default champion)")
+    s.add_argument("--gate", action="store_true", help="promote only if the held-out evaluation says so")
+    s.add_argument("--cohort", default=None, help="gate: the stored cohort that scores the models")
+    add_config_options(s.add_argument_group("gate"), PromotionConfig,
+                       {f.name: f for f in dataclasses.fields(PromotionConfig)})
     s.set_defaults(fn=cmd_promote)
     return p
 

@@ -150,6 +150,8 @@ def _typed(config: str, name: str, hint: Any, value: Any) -> Any:
     elif hint is Path:
         ok = isinstance(value, str | os.PathLike)
         value = Path(value) if ok else value
+    elif typing.get_origin(hint) is dict:  # e.g. a deployment's default flow parameters (checked by the flow)
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
     elif dataclasses.is_dataclass(hint):
         if isinstance(value, dict):
             value = from_dict(hint, value)
@@ -162,6 +164,8 @@ def _typed(config: str, name: str, hint: Any, value: Any) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is dict:
+        return "a mapping of names to values"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             Path: "a path"}.get(hint, f"a {getattr(hint, '__name__', hint)}")
 
@@ -205,8 +209,18 @@ class ModelConfig(Config):
                                                           "0.5, 0.75)")
     dropout: float = param(0.0, within="[0, 1)", help="dropout in attention and MLPs")
     coord_scale: float = param(100.0, within="(0, inf)",
-                               help="MNI mm are divided by this before the spatial embedding (inputs ~[-1, 1])")
+                               help="\"mlp\" spatial embedding: MNI mm are divided by this (inputs ~[-1, 1])")
     activation_checkpointing: bool = param(False, help="recompute blocks in backward: memory for compute (650M)")
+    # How position reaches attention (bench/README.md "Pretraining quality" has the curves behind the defaults).
+    # Defaults: parcels told apart by Fourier features of XYZ, and same-patch tokens easy to attend to from the
+    # first step; "mlp" + False is the paper's embedding and attention, which sit on the zero baseline for
+    # hundreds of steps and level off far above the spatial reference.
+    spatial_embedding: str = param("fourier", choices=("fourier", "mlp"),
+                                   help="fourier: random Fourier features of XYZ; mlp: the paper's MLP on XYZ")
+    fourier_mm: float = param(20.0, within="(0, inf)",
+                              help="fourier: shortest wavelength in mm (the longest is 200 mm, about a brain)")
+    time_bias: bool = param(True, help="learned relative-time attention bias, starting out favouring same-patch "
+                                       "tokens")
 
     def validate(self) -> None:
         if self.window % self.patch_size:
@@ -221,10 +235,11 @@ class ModelConfig(Config):
         return self.window // self.patch_size
 
 
-# Presets keep the paper's choices; `tiny` is for CPU tests. Each named size is within 10 % of its name
+# Presets keep the paper's choices; `tiny` is for CPU tests (its decoder has 2 heads of 16 channels: faster to
+# learn and to step on a CPU than 4 of 8). Each named size is within 10 % of its name
 # (tests/model/test_model_behaviour.py counts the parameters on the meta device).
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(hidden=64, layers=2, heads=4, decoder_hidden=32, decoder_layers=1, decoder_heads=4),
+    "tiny": ModelConfig(hidden=64, layers=2, heads=4, decoder_hidden=32, decoder_layers=1, decoder_heads=2),
     "13M": ModelConfig(hidden=512, layers=4, heads=8, decoder_hidden=256, decoder_layers=1, decoder_heads=8),
     "111M": ModelConfig(hidden=768, layers=12, heads=12, decoder_hidden=512, decoder_layers=8, decoder_heads=16),
     "650M": ModelConfig(hidden=1280, layers=32, heads=16, decoder_hidden=512, decoder_layers=8, decoder_heads=16),
@@ -494,6 +509,44 @@ class PerturbConfig(Config):
     seed: int = param(0, within="[0, inf)", help="seeds the samples of recordings and the reconstruction masks")
 
 
+# --------------------------------------------------------------------------------------------- promotion
+
+
+PROMOTION_SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class PromotionConfig(Config):
+    """Gated promotion (brainlm/promotion.py): the held-out evaluation a challenger must win to become champion.
+
+    Challenger and champion are scored on the same windows of the same held-out participants with the same
+    masks, beside the reference predictors on those masked patches. The split's defaults are TrainConfig's, so
+    the held-out participants are the ones a model pretrained on the cohort with the default split never saw.
+    """
+
+    margin: float = param(0.01, within="[0, 1)",
+                          help="the challenger's held-out masked MSE must be at least this fraction below the "
+                               "champion's and below every reference predictor's")
+    split: str = param("test", choices=PROMOTION_SPLITS, help="which held-out participants score the models")
+    val_fraction: float = param(TrainConfig.val_fraction, within="(0, 1)",
+                                help="share of participants in the validation split (as in pretraining)")
+    test_fraction: float = param(TrainConfig.test_fraction, within="[0, 1)",
+                                 help="share of participants in the test split (as in pretraining)")
+    seed: int = param(TrainConfig.seed, within="[0, inf)", help="seeds the split, the windows and the masks")
+    eval_crops: int = param(TrainConfig.eval_crops, within="[1, inf)", help="fixed windows per held-out recording")
+    mask_ratio: float | None = param(None, within="[0, 1)",
+                                     help="share of patches masked; unset: the challenger's own training ratio")
+    batch_size: int = param(16, within="[1, inf)", help="windows per forward pass")
+    device: str = param("cpu", help='torch device ("cpu", "cuda")')
+
+    def validate(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise self.error("test_fraction", f"must leave participants for training: val_fraction "
+                                              f"({self.val_fraction}) + test_fraction must be below 1")
+        if self.split == "test" and self.test_fraction == 0:
+            raise self.error("test_fraction", "must be above 0 when the gate scores the test split")
+
+
 # ----------------------------------------------------------------------------------------- settings
 
 
@@ -579,3 +632,65 @@ def load_settings(home: str | os.PathLike | None = None) -> Settings:
     except ConfigError as e:
         raise ConfigError(f"{cfg_path}: {e}", field=e.field, value=e.value, rule=e.rule) from e
     return Settings(home=root, mlflow=mlflow_cfg)
+
+
+# ------------------------------------------------------------------------------------------ deployments
+
+
+@dataclass(frozen=True)
+class DeploymentConfig(Config):
+    """One deployment that `make serve` serves (flows/serve.py): default parameters and an optional schedule."""
+
+    parameters: dict[str, Any] = param(default_factory=dict,
+                                       help="the flow's default parameters (a run's `-p NAME=VALUE` overrides them)")
+    cron: str | None = param(None, help='a cron schedule, e.g. "0 3 * * *" (every night at 03:00)')
+    timezone: str = param("UTC", help="the schedule's IANA time zone")
+    active: bool = param(False, help="whether the schedule starts runs (false: defined, but paused)")
+
+
+@dataclass(frozen=True)
+class ServeConfig(Config):
+    """What `make serve` serves, beyond flows/serve.py's own defaults.
+
+    `BRAINLM_SERVE_CONFIG` names a YAML file of the same shape; what it sets replaces these values (a
+    deployment's `parameters` are merged over the defaults), e.g.
+
+        evaluate:
+          parameters: {targets: [age], steps: 100}
+          active: true        # the nightly evaluation of the champion runs
+    """
+
+    ingest: DeploymentConfig = param(default_factory=DeploymentConfig)
+    pretrain: DeploymentConfig = param(default_factory=DeploymentConfig)
+    evaluate: DeploymentConfig = param(default_factory=lambda: DeploymentConfig(cron="0 3 * * *"))
+    promote: DeploymentConfig = param(default_factory=DeploymentConfig)
+    reevaluate: bool = param(True, help="evaluate the champion on every new cohort version (Prefect automation)")
+
+
+SERVE_CONFIG_ENV = "BRAINLM_SERVE_CONFIG"
+
+
+def load_serve_config(path: str | os.PathLike | None = None) -> ServeConfig:
+    """ServeConfig from `path` (default `$BRAINLM_SERVE_CONFIG`; neither: the defaults), merged over the defaults."""
+    import yaml
+
+    path = path or os.environ.get(SERVE_CONFIG_ENV)
+    if not path:
+        return ServeConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{SERVE_CONFIG_ENV}={path}: no such file")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of deployments, got {type(raw).__name__}")
+    merged = to_dict(ServeConfig())
+    try:
+        for key, value in raw.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                parameters = {**merged[key]["parameters"], **(value.get("parameters") or {})}
+                merged[key] = {**merged[key], **value, "parameters": parameters}
+            else:
+                merged[key] = value
+        return from_dict(ServeConfig, merged)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}", field=e.field, value=e.value, rule=e.rule) from e

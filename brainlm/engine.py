@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from brainlm.config import ModelConfig, TrainConfig
 from brainlm.errors import BrainLMError
 from brainlm.model import BrainLM
+from brainlm.references import Predictor, predict_zero, reference_predictors, training_covariance
 
 
 class TrainingError(BrainLMError):
@@ -148,17 +149,8 @@ def unwrap(model: nn.Module) -> BrainLM:
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-# A reference predictor: (signals (B, P, T), mask (B, P, N), 1 = hidden) → a prediction of every patch
-# (B, P, N, S). Evaluation scores it on exactly the patches the model had to predict.
-Predictor = Callable[[Tensor, Tensor], Tensor]
-
-
-def predict_zero(signals: Tensor, mask: Tensor) -> Tensor:
-    """Predict 0 everywhere: the median of a robust-scaled series, the reference every model must beat."""
-    B, P, N = mask.shape
-    return signals.new_zeros(B, P, N, signals.shape[-1] // N)
-
-
+# The references that need nothing but the windows; the launcher and the promotion gate add `spatial` and
+# `temporal` (`brainlm.references.reference_predictors`, from the training split's covariance).
 REFERENCES: dict[str, Predictor] = {"zero": predict_zero}
 
 
@@ -207,7 +199,7 @@ def evaluate(model: nn.Module, loader: DataLoader, coords: Tensor, device: torch
             out = model(signals, coords, mask_ratio=mask_ratio, noise=noise)
         target = signals.reshape(out.pred.shape).double()
         masked = out.mask[..., None].double()  # (B, P, N, 1): broadcast over the values of a patch
-        predictions = [out.pred, *(references[name](signals, out.mask) for name in names)]
+        predictions = [out.pred, *(references[name](signals, out.mask).reshape(out.pred.shape) for name in names)]
         sums += torch.stack([
             *(((p.double() - target) ** 2 * masked).sum() for p in predictions),
             (target * masked).sum(),
@@ -284,6 +276,7 @@ class Loaders:
     train: DataLoader  # one batch per remaining optimiser step of this rank
     val: DataLoader  # this rank's shard of the validation windows, with their masks
     probe: DataLoader  # this rank's shard of fixed training windows (train metrics measured like val)
+    references: dict[str, Predictor]  # zero, spatial (training split's covariance), temporal
 
 
 def make_loaders(cohort: Any, model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, rank: int = 0,
@@ -292,7 +285,8 @@ def make_loaders(cohort: Any, model_cfg: ModelConfig, cfg: TrainConfig, device: 
 
     Validation: `eval_crops` fixed windows per validation recording. Probe: the same from as many training
     recordings as there are validation recordings. Both are sharded over ranks by index, and a window's mask
-    depends on its index only, so every worker count scores the same masks.
+    depends on its index only, so every worker count scores the same masks. References: the zero, spatial
+    and temporal predictors, the spatial one from the training recordings' parcel covariance.
     """
     split = cohort.split(cfg.val_fraction, cfg.test_fraction, cfg.seed)
     train_ids, val_ids = split["train"], split["val"]
@@ -310,6 +304,7 @@ def make_loaders(cohort: Any, model_cfg: ModelConfig, cfg: TrainConfig, device: 
         train=_loader(train, cfg, device, sampler=sampler),
         val=_loader(Subset(val, range(rank, len(val), world)), cfg, device),
         probe=_loader(Subset(probe, range(rank, len(probe), world)), cfg, device),
+        references=reference_predictors(training_covariance(cohort, split)),
     )
 
 
@@ -327,7 +322,8 @@ class InProcessRun:
     model: BrainLM  # eval mode
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    metrics: dict[str, float]  # the last evaluation: step, windows, train_loss, val_* (as the launcher logs them)
+    metrics: dict[str, float]  # the last evaluation: step, windows, train_loss, val_* (the model's and the
+                               # references', as the launcher logs them)
     seconds: float  # training steps only, evaluations left out
 
 
@@ -351,7 +347,7 @@ def train_in_process(cohort: Any, model_cfg: ModelConfig, cfg: TrainConfig, devi
     for stop in evaluation_steps(0, cfg):
         train_loss, took = train_steps(model, batches, stop - step, coords, optimizer, scheduler, cfg, device)
         step, seconds = stop, seconds + took
-        val = evaluate(model, loaders.val, coords, device, model_cfg.mask_ratio)
+        val = evaluate(model, loaders.val, coords, device, model_cfg.mask_ratio, loaders.references)
         metrics = {"step": step, "windows": step * cfg.batch_size, "train_loss": train_loss,
                    **{f"val_{k}": v for k, v in val.items()}}
         if progress is not None:

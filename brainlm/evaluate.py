@@ -124,6 +124,45 @@ def supported(cohort: Cohort) -> list[tuple[str, str | None]]:
     return [("forecast", None), *(("clinical", t) for t in supported_targets(cohort))]
 
 
+@dataclass
+class Plan:
+    """What an evaluation of a cohort runs: `model` on each (task, target) of `tasks`, or nothing, as `note` says."""
+
+    model: str | None
+    tasks: list[tuple[str, str | None]]
+    note: str | None = None
+
+
+def plan(cohort: str | Path, model: str | None = None, targets: list[str] | None = None,
+         data_version: str | None = None, settings: Settings | None = None) -> Plan:
+    """The evaluations the `evaluate` flow runs on `cohort`.
+
+    model: models:/NAME@ALIAS, models:/NAME/N or a released checkpoint folder; None is the pretrained model's
+        champion, and with no champion yet there is nothing to evaluate (said in `note`, not an error: a new
+        cohort may land before any model is promoted).
+    targets: the clinical targets (None: every one the cohort's phenotypes allow; [] none); forecasting always.
+    data_version: the version this evaluation is for (a run triggered by a new version gets it); if the cohort
+        has moved on to another version since, nothing runs: that version's own evaluation covers it.
+    """
+    from brainlm.pipelines import data_version as current_data_version
+
+    settings = settings or load_settings()
+    opened = open_cohort(cohort, settings)
+    if data_version is not None:
+        current = current_data_version(opened, settings) or registry.UNVERSIONED
+        if current != data_version:
+            return Plan(None, [], f"cohort {opened.name} is at data version {current} now, not {data_version}: "
+                                  f"the evaluation of {current} covers it")
+    if model is None:
+        name, alias = settings.mlflow.pretrained_model, settings.mlflow.production_alias
+        if registry.alias_version(name, alias, settings=settings) is None:
+            return Plan(None, [], f"no {name}@{alias} yet ({settings.tracking_uri()}): nothing to evaluate on "
+                                  f"cohort {opened.name}; promote a model (brainlm promote --gate) first")
+        model = f"models:/{name}@{alias}"
+    tasks = [(t, target) for t, target in supported(opened) if t == "forecast" or targets is None or target in targets]
+    return Plan(model, tasks)
+
+
 # -------------------------------------------------------------------------------------------- evaluate
 
 

@@ -96,6 +96,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     # Training masks (drawn inside the model) differ by rank and by attempt.
     torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, start]).generate_state(1)[0]))
     batches = iter(loaders.train)
+    scored: dict[str, dict[str, float]] = {}  # the references' val and probe metrics, once scored
 
     for end in evaluation_steps(start, cfg):
         if config["fail_at_step"] is not None and restored is None and step >= config["fail_at_step"]:
@@ -104,8 +105,13 @@ def _train_worker(config: dict[str, Any]) -> None:
         period_windows = (end - step) * cfg.batch_size * world
         step, windows = end, windows + period_windows
         # The plain module: evaluation shards differ in size across ranks, and DDP's forward is for training.
-        val = evaluate(unwrap(model), loaders.val, coords, device, model_cfg.mask_ratio)
-        probe = evaluate(unwrap(model), loaders.probe, coords, device, model_cfg.mask_ratio)
+        # The references see the same windows and masks at every evaluation: scored once, at the first.
+        references = {} if scored else loaders.references
+        val = evaluate(unwrap(model), loaders.val, coords, device, model_cfg.mask_ratio, references)
+        probe = evaluate(unwrap(model), loaders.probe, coords, device, model_cfg.mask_ratio, references)
+        scored = scored or {name: {k: v for k, v in m.items() if not k.startswith("masked_")}
+                            for name, m in (("val", val), ("probe", probe))}
+        val, probe = val | scored["val"], probe | scored["probe"]
         metrics = {
             "step": step, "windows": windows, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
             **{f"train_{k}": v for k, v in probe.items()}, **{f"val_{k}": v for k, v in val.items()},

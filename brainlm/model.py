@@ -1,7 +1,7 @@
 """BrainLM: a masked autoencoder over fMRI parcel time series, readable top to bottom.
 
     signals (B, P, T) ──patchify──> tokens (B, P·N, S)      N = T / S patches per parcel, S = patch size
-            ──embed──> patch + spatial(parcel XYZ) + temporal(patch index)
+            ──embed──> patch + spatial(Fourier features of parcel XYZ) + temporal(patch index)
             ──mask──> keep a random (1 − ratio) share of tokens
             ──encode──> Transformer over [CLS] + visible tokens
             ──decode──> lighter Transformer over all tokens (mask tokens fill the gaps)
@@ -9,6 +9,11 @@
 
 Tokens are (parcel, patch) pairs, so any parcel count works (the atlas only supplies centroids) and any window
 that is a multiple of the patch size works (the temporal embedding is sinusoidal over patch index).
+Every attention layer adds a learned relative-time bias that starts out favouring tokens of the same patch:
+in fMRI a masked patch is predicted mostly from other parcels at the same timepoints, and without the bias the
+model first sits on the zero prediction for hundreds of steps before it finds them. The spatial embedding maps
+random Fourier features of the centroid (wavelengths 200 mm down to `fourier_mm`), which tell parcels apart
+from the start; `spatial_embedding="mlp"` and `time_bias=False` give the paper's embedding and attention.
 Attention runs through `scaled_dot_product_attention` (flash / memory-efficient kernels); weights are computed
 explicitly only when asked for, for interpretability. This module needs torch alone.
 """
@@ -45,39 +50,73 @@ class BrainLMEmbedding:
 # ------------------------------------------------------------------------------------------- blocks
 
 
+TIME_BIAS_FREQUENCIES = 8  # cosine terms of the learned relative-time attention bias
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, time_bias: bool = False):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
+        # bias(Δn) = Σ_f c_hf cos(ω_f Δn) per head: a relative-time preference, added to the logits through
+        # extra query/key channels so the fused attention kernels still apply.
+        self.time_bias = nn.Parameter(torch.ones(heads, TIME_BIAS_FREQUENCIES)) if time_bias else None
 
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, need_weights: bool = False,
+                time_features: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        scale = 1 / math.sqrt(q.shape[-1])
+        if self.time_bias is not None:
+            # time_features (B, L, 2F): cos / sin of ω_f n per token (zeros for CLS). The extra channels add
+            # Σ_f c_hf cos(ω_f (n_q − n_k)) · sqrt(head dim) to q·k, i.e. the bias itself after scaling.
+            coef = self.time_bias.repeat(1, 2) / scale  # (H, 2F)
+            tf = time_features[:, None].expand(B, self.heads, L, -1)
+            q = torch.cat([q, tf * coef[None, :, None, :]], dim=-1)
+            k = torch.cat([k, tf], dim=-1)
+            v = F.pad(v, (0, tf.shape[-1]))  # same head size for every kernel; the padding is cut off below
         weights = None
         if need_weights:  # the explicit path, only for interpretability (O(L²) memory)
-            weights = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]), dim=-1)
+            weights = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
             out = weights @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                                 scale=scale)
+        out = out[..., : D // self.heads]
         return self.proj(out.transpose(1, 2).reshape(B, L, D)), weights
+
+
+def time_bias_features(n_patches: int, batch: int, parcels: int, device: torch.device | None,
+                       order: Tensor | None = None) -> Tensor:
+    """(B, 1 + L, 2F) cos / sin of ω_f n for each token's patch index n (CLS first, zeros).
+
+    Tokens are (parcel, patch) pairs in parcel-major order; `order` (B, K) selects / reorders them (the
+    visible tokens of the encoder).
+    """
+    freq = math.pi * (torch.arange(TIME_BIAS_FREQUENCIES, device=device) + 0.5) / TIME_BIAS_FREQUENCIES
+    n = torch.arange(n_patches, device=device).repeat(parcels)  # (L,) patch index of each token
+    n = n.expand(batch, -1) if order is None else torch.gather(n.expand(batch, -1), 1, order)
+    angle = n[..., None].float() * freq
+    feats = torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+    return F.pad(feats, (0, 0, 1, 0))  # CLS: no time
 
 
 class Block(nn.Module):
     """Pre-norm Transformer block."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, time_bias: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout, time_bias)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
 
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        a, weights = self.attn(self.norm1(x), need_weights)
+    def forward(self, x: Tensor, need_weights: bool = False,
+                time_features: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        a, weights = self.attn(self.norm1(x), need_weights, time_features)
         x = x + a
         return x + self.mlp(self.norm2(x)), weights
 
@@ -92,13 +131,42 @@ def sinusoidal(n: int, dim: int, device: torch.device | None = None) -> Tensor:
     return emb
 
 
-class TokenEmbedding(nn.Module):
-    """Where a token sits: spatial (parcel centroid → MLP) + temporal (sinusoidal over patch index)."""
+class FourierFeatures(nn.Module):
+    """XYZ (mm) → [sin, cos](2π f·xyz) for fixed random directions, wavelengths log-spaced 200 mm → `shortest_mm`.
 
-    def __init__(self, dim: int, coord_scale: float):
+    Sharp enough to tell neighbouring parcels apart while staying a function of the centroid (any atlas). The
+    frequencies come from a fixed seed and are saved with the weights.
+    """
+
+    def __init__(self, features: int, shortest_mm: float, longest_mm: float = 200.0):
         super().__init__()
-        self.coord_scale = coord_scale
-        self.spatial = nn.Sequential(nn.Linear(3, dim), nn.GELU(), nn.Linear(dim, dim))
+        g = torch.Generator().manual_seed(0)
+        direction = torch.randn(features, 3, generator=g)
+        direction /= direction.norm(dim=1, keepdim=True)
+        wavelength = torch.exp(torch.empty(features).uniform_(math.log(shortest_mm), math.log(longest_mm),
+                                                               generator=g))
+        self.register_buffer("freq", 2 * math.pi * direction / wavelength[:, None])  # (F, 3) rad / mm
+
+    def forward(self, coords: Tensor) -> Tensor:
+        angle = coords @ self.freq.T
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+
+
+class TokenEmbedding(nn.Module):
+    """Where a token sits: spatial (parcel centroid) + temporal (sinusoidal over patch index).
+
+    Spatial is an MLP on the centroid / coord_scale (the paper's) or a linear map of its random Fourier
+    features; both are functions of the centroid alone, so any atlas works.
+    """
+
+    def __init__(self, dim: int, cfg: ModelConfig):
+        super().__init__()
+        self.coord_scale = cfg.coord_scale
+        if cfg.spatial_embedding == "fourier":
+            self.coord_scale = 1.0  # Fourier features take millimetres
+            self.spatial = nn.Sequential(FourierFeatures(dim // 2, cfg.fourier_mm), nn.Linear(2 * (dim // 2), dim))
+        else:
+            self.spatial = nn.Sequential(nn.Linear(3, dim), nn.GELU(), nn.Linear(dim, dim))
         self.temporal_scale = nn.Parameter(torch.ones(dim))  # lets training weigh time against space
 
     def forward(self, coords: Tensor, n_patches: int) -> Tensor:
@@ -118,16 +186,18 @@ class BrainLM(nn.Module):
         D, Dd = cfg.hidden, cfg.decoder_hidden
         # encoder
         self.patch_embed = nn.Linear(cfg.patch_size, D)
-        self.pos_embed = TokenEmbedding(D, cfg.coord_scale)
+        self.pos_embed = TokenEmbedding(D, cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.time_bias) for _ in range(cfg.layers)
+        )
         self.norm = nn.LayerNorm(D)
         # decoder: its own width and position embedding, so it can stay light
         self.decoder_embed = nn.Linear(D, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.decoder_pos_embed = TokenEmbedding(Dd, cfg.coord_scale)
+        self.decoder_pos_embed = TokenEmbedding(Dd, cfg)
         self.decoder_blocks = nn.ModuleList(
-            Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.decoder_layers)
+            Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.dropout, cfg.time_bias) for _ in range(cfg.decoder_layers)
         )
         self.decoder_norm = nn.LayerNorm(Dd)
         self.decoder_pred = nn.Linear(Dd, cfg.patch_size)
@@ -186,13 +256,14 @@ class BrainLM(nn.Module):
 
     # ---- encoder / decoder
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: Tensor, need_weights: bool) -> tuple[Tensor, list[Tensor]]:
+    def _run_blocks(self, blocks: nn.ModuleList, x: Tensor, need_weights: bool,
+                    time_features: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         weights = []
         for blk in blocks:
             if self.cfg.activation_checkpointing and self.training and not need_weights:
-                x, w = checkpoint(blk, x, use_reentrant=False)
+                x, w = checkpoint(blk, x, False, time_features, use_reentrant=False)
             else:
-                x, w = blk(x, need_weights)
+                x, w = blk(x, need_weights, time_features)
             if w is not None:
                 weights.append(w)
         return x, weights
@@ -208,7 +279,11 @@ class BrainLM(nn.Module):
         x = (self.patch_embed(patches) + self.pos_embed(coords, N)).reshape(B, P * N, -1)
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
-        x, weights = self._run_blocks(self.blocks, x, need_weights)
+        time_features = None
+        if self.cfg.time_bias:
+            ids_keep = torch.argsort(ids_restore, dim=1)[:, : x.shape[1] - 1]
+            time_features = time_bias_features(N, B, P, x.device, ids_keep).to(x.dtype)
+        x, weights = self._run_blocks(self.blocks, x, need_weights, time_features)
         return self.norm(x), mask, ids_restore, weights
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor, coords: Tensor, n_patches: int) -> Tensor:
@@ -219,7 +294,10 @@ class BrainLM(nn.Module):
         tokens = torch.gather(tokens, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[-1]))  # unshuffle
         tokens = tokens + self.decoder_pos_embed(self._batch_coords(coords, B), n_patches).reshape(B, L, -1)
         x = torch.cat([x[:, :1], tokens], dim=1)
-        x, _ = self._run_blocks(self.decoder_blocks, x, need_weights=False)
+        time_features = None
+        if self.cfg.time_bias:
+            time_features = time_bias_features(n_patches, B, L // n_patches, x.device).to(x.dtype)
+        x, _ = self._run_blocks(self.decoder_blocks, x, False, time_features)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def forward_loss(self, target: Tensor, pred: Tensor, mask: Tensor) -> Tensor:

@@ -20,10 +20,20 @@ from typing import Any
 
 import brainlm
 from brainlm import registry
-from brainlm.config import ModelConfig, Settings, SynthConfig, TrainConfig, load_settings, preset, to_dict
+from brainlm.config import (
+    IngestConfig,
+    ModelConfig,
+    Settings,
+    SynthConfig,
+    TrainConfig,
+    load_settings,
+    preset,
+    to_dict,
+)
 from brainlm.data.store import Cohort, CohortError, open_cohort
 from brainlm.errors import BrainLMError
 from brainlm.launcher import FitResult, fit
+from brainlm.references import verdict
 
 
 class PrivacyError(BrainLMError):
@@ -55,10 +65,13 @@ class PretrainResult:
 
     def summary(self) -> str:
         m = self.metrics
+        references = ", ".join(f"{k[4:-4]} {v:.4f}" for k, v in m.items()
+                               if k.startswith("val_") and k.endswith("_mse") and k != "val_masked_mse")
         return "\n".join([
             f"registered {self.model_name} version {self.version} @{self.alias} (MLflow run {self.run_id})",
-            f"  val masked MSE {m['val_masked_mse']:.4f}  R² {m['val_masked_r2']:.3f}  "
-            f"(predicting zero: {m['val_zero_mse']:.4f})",
+            f"  val masked MSE {m['val_masked_mse']:.4f}  R² {m['val_masked_r2']:.3f}  (references on the same "
+            f"masks: {references})",
+            f"  the model   {verdict(m)}",
             f"  trained     {int(m['steps'])} optimiser steps, {int(m['windows'])} windows",
             f"  cohort      {self.cohort_path}  (data version {self.data_version or registry.UNVERSIONED})",
             f"  checkpoint  {self.checkpoint_dir}",
@@ -261,11 +274,12 @@ def synthesize_demo(out_dir: str | Path, cfg: SynthConfig = DEMO_SYNTH) -> Path:
     return synthesize(out_dir, cfg, overwrite=True)
 
 
-def ingest_cohort(src: str | Path, cohort: str, settings: Settings | None = None):
-    """`brainlm ingest SRC --cohort NAME` with the default IngestConfig; returns the IngestReport."""
+def ingest_cohort(src: str | Path, cohort: str, settings: Settings | None = None, *, cfg: IngestConfig | None = None,
+                  atlas: str | None = None, atlas_image: str | None = None):
+    """`brainlm ingest SRC --cohort NAME [--atlas ...]` (default IngestConfig); prints and returns the IngestReport."""
     from brainlm.data.ingest import ingest
 
-    report = ingest(src, cohort, settings=settings)
+    report = ingest(src, cohort, atlas=atlas, atlas_image=atlas_image, cfg=cfg, settings=settings)
     print(report.summary())
     return report
 
@@ -296,7 +310,9 @@ def where_things_are(result: PretrainResult, settings: Settings | None = None, p
         f"  Prefect UI  {'PREFECT_HOME=' + prefect_home + ' ' if prefect_home else ''}.venv/bin/prefect server start",
         "              then open http://127.0.0.1:4200 (the demo's flow runs are recorded there)",
         "  models      .venv/bin/brainlm models",
-        f"  promote     .venv/bin/brainlm promote {result.model_name} {result.version}   (alias champion)",
+        f"  promote     .venv/bin/brainlm promote --gate --cohort {result.cohort_path.name}   (champion only if it "
+        f"beats the references on held-out participants; by hand: brainlm promote {result.model_name} "
+        f"{result.version})",
     ]
     return "\n".join(lines)
 

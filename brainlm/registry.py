@@ -376,6 +376,36 @@ def promote(name: str, version: str | int, alias: str | None = None, *, settings
     client.set_registered_model_alias(name, alias or settings.mlflow.production_alias, str(version))
 
 
+def alias_version(name: str, alias: str, *, settings: Settings) -> str | None:
+    """The version of registered model `name` that `alias` points at; None if the model or the alias is missing."""
+    client = _client(settings)
+    try:
+        version = client.get_registered_model(name).aliases.get(alias)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return None if version is None else str(version)
+
+
+def annotate_version(name: str, version: str | int, tags: Mapping[str, Any], description: str | None = None, *,
+                     settings: Settings) -> None:
+    """Set `tags` (values as strings) and, if given, the description of a registered model version."""
+    client = _client(settings)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+    if description is not None:
+        client.update_model_version(name, str(version), description=description)
+
+
+def run_params(run_id: str, *, settings: Settings) -> dict[str, str]:
+    """The params a run logged (`train.seed`, `model.window`, ...), as MLflow stores them: strings."""
+    try:
+        return dict(_client(settings).get_run(run_id).data.params)
+    except MlflowException as e:
+        raise RegistryError(f"cannot read run {run_id} in {settings.tracking_uri()}: {e.message}") from e
+
+
 def load_model(uri_or_name: str, alias: str | None = None, *, settings: Settings) -> tuple[BrainLM, ModelConfig]:
     """Rebuild BrainLM from a registered model: `models:/name@alias`, `models:/name/3`, or a name + alias.
 

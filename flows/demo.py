@@ -1,4 +1,4 @@
-"""`make demo`: synthetic cohort → ingest → pretrain (subflow) → register, on one machine, no set-up.
+"""`make demo`: synthetic cohort → ingest (subflow) → pretrain (subflow) → register, on one machine, no set-up.
 
 Runs on Prefect's temporary local server (no `prefect server` needed) and the embedded defaults: MLflow on
 SQLite and the DVC remote under `.brainlm/`, Ray Train on local CPU workers. Then prints where everything is.
@@ -16,6 +16,7 @@ from prefect.settings import PREFECT_HOME
 
 from brainlm import pipelines
 from brainlm.config import load_settings, to_dict
+from flows.ingest import ingest
 from flows.pretrain import DEFAULT_COHORT, STEP, pretrain
 
 
@@ -24,17 +25,12 @@ def synthesize(out_dir: str) -> str:
     return str(pipelines.synthesize_demo(out_dir))
 
 
-@task(name="ingest", **STEP)
-def ingest(src: str, cohort: str) -> str:
-    return str(pipelines.ingest_cohort(src, cohort).path)
-
-
 @flow(name="demo", log_prints=True)
 def demo(cohort: str = DEFAULT_COHORT, steps: int = pipelines.DEMO_TRAIN.steps) -> pipelines.PretrainResult:
     """Synthesize the demo's input under `.brainlm/` (once), ingest it as `cohort`, pretrain tiny, register it."""
     settings = load_settings()
     src = synthesize(str(pipelines.demo_input_dir(cohort, settings)))
-    ingest(src, cohort)
+    ingest(src, cohort)  # the `ingest` flow, as a subflow: a new data version is announced like any other
     result = pretrain(cohort=cohort, preset="tiny", **{**to_dict(pipelines.DEMO_TRAIN), "steps": steps})
     print(pipelines.where_things_are(result, settings, prefect_home=str(PREFECT_HOME.value())))
     return result

@@ -1,6 +1,7 @@
 """Shared test set-up: quiet, offline tools; every test gets its own brainlm home (no shared files)."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +26,16 @@ for key, value in {
 def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path():
+    """`mlflow.pyfunc.load_model` puts a model's `code/` folder first on `sys.path` and leaves it there. That folder
+    holds only the brainlm modules serving needs, so worker processes started later in the same test session
+    (ingest's forkserver pool) would import that partial copy instead of the installed package."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
 
 
 @pytest.fixture

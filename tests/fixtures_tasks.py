@@ -4,14 +4,17 @@ test's own MLflow store.
 
 One population is split by subject into a task cohort and a pretraining cohort, so no subject a task runs on
 was seen in pretraining. The model is pretrained by the training engine itself (its loaders, steps, evaluation
-and checkpoint format, in process: `brainlm.engine.train_in_process`; the launcher is tested elsewhere). Every setup trains the same architecture,
-`MODEL`, in one place; the setups differ in the population and the budget:
+and checkpoint format, in process: `brainlm.engine.train_in_process`; the launcher is tested elsewhere). Every
+setup trains the same architecture, `MODEL`, in one place; the setups differ in the population and the budget:
 
-    DOWNSTREAM      forecasting and clinical prediction (tasks/test_downstream_science.py, flows/test_evaluate_flow.py)
+    DOWNSTREAM      forecasting and clinical prediction (tasks/test_downstream_science.py, flows/test_evaluate_flow.py),
+                    gated promotion and the served deployments (flows/test_promotion.py, test_served_deployments.py)
     INTERPRETATION  networks, CLS-attention contrasts, perturbation (tasks/test_synthetic_answers.py,
                     flows/test_interpretation_cli.py): 48 parcels, so each planted network has several
 
 `pretrained(SETUP)` (the session fixture) trains a setup on first use and returns the same result afterwards.
+`untrained_checkpoint` is a setup's architecture never trained (a model that must lose); `register_pretrained`
+registers a checkpoint in the current test's MLflow store.
 Loaded by tests/conftest.py (`pytest_plugins`), so tests in tasks/ and flows/ share one pretraining per setup.
 """
 
@@ -32,7 +35,7 @@ from brainlm.config import ModelConfig, SynthConfig, TrainConfig, preset
 from brainlm.data.atlas import load_atlas
 from brainlm.data.store import Cohort, open_cohort
 from brainlm.data.synthetic import GroundTruth, load_ground_truth, synthesize
-from brainlm.engine import train_in_process
+from brainlm.engine import build_optimizer, build_scheduler, train_in_process
 from brainlm.model import BrainLM
 
 # tiny, with a 100-TR window (5 patches: 80 context + 20 predicted TRs), mask 0.5 and a 64-wide decoder, which
@@ -138,16 +141,28 @@ def pretrained(tmp_path_factory) -> Callable[[Setup], Pretrained]:
     return get
 
 
-def register_pretrained(pretrained: Pretrained, settings, alias: str | None = None) -> str:
-    """Register the session's checkpoint in the current test's MLflow store (aliased challenger, and `alias` if
-    given); returns its models:/ URI."""
+def untrained_checkpoint(folder: Path, setup: Setup = DOWNSTREAM, seed: int = 1) -> Path:
+    """A checkpoint of `setup`'s architecture as initialised, never trained (a model that must lose)."""
+    torch.manual_seed(seed)
+    model = BrainLM(setup.model)
+    optimizer = build_optimizer(model, setup.train, "cpu")
+    return checkpoint.save(folder, model, optimizer, build_scheduler(optimizer, setup.train), step=0, windows=0,
+                           model_cfg=setup.model, train_cfg=setup.train, metrics={})
+
+
+def register_pretrained(pretrained: Pretrained, settings, checkpoint_dir: Path | None = None,
+                        alias: str | None = None) -> str:
+    """Register the session's checkpoint (or another of its architecture, e.g. `untrained_checkpoint`'s) in the
+    current test's MLflow store, as trained on the pretraining cohort, aliased challenger (and `alias` if given);
+    returns its models:/ URI."""
     from brainlm import pipelines, registry
 
-    model_cfg = checkpoint.load(pretrained.checkpoint)[1]
+    folder = checkpoint_dir or pretrained.checkpoint
+    model_cfg = checkpoint.load(folder)[1]
     cohort = open_cohort(pretrained.checkpoint.parent / "pretrain")
     run_id = registry.start_run(settings.mlflow.pretrain_experiment, "fixture-pretrain", {}, {}, settings=settings)
-    version = registry.log_pretrained(run_id, pretrained.checkpoint, model_cfg, pipelines.cohort_info(cohort),
-                                      None, preset="tiny", settings=settings)
+    version = registry.log_pretrained(run_id, folder, model_cfg, pipelines.cohort_info(cohort), None, preset="tiny",
+                                      settings=settings)
     registry.end_run(run_id, "FINISHED", settings=settings)
     if alias:
         registry.promote(version.name, version.version, alias, settings=settings)

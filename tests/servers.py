@@ -1,4 +1,5 @@
-"""Real servers for integration tests, started and stopped by the tests: PostgreSQL, S3 (moto), MLflow, Ray nodes.
+"""Real servers for integration tests, started and stopped by the tests: Prefect, PostgreSQL, S3 (moto), MLflow,
+Ray nodes.
 
 Each is a context manager that starts the server on 127.0.0.1, waits until it answers, and on exit stops every
 process it started, by PID or process group (never by name: other tests and other users' servers may be running
@@ -73,6 +74,32 @@ def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
     with contextlib.suppress(ProcessLookupError):  # children that outlived their leader
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------- Prefect
+
+
+@contextlib.contextmanager
+def prefect_server(root: Path, timeout: float = 180) -> Iterator[str]:
+    """`prefect server start` on a free port, its database under `root`; yields the API URL (PREFECT_API_URL).
+
+    A server of its own rather than the test harness's: it runs the services behind automations (events,
+    triggers, actions) exactly as `make serve` does. No UI, no scheduler (nothing the tests schedule runs).
+    """
+    port = free_port()
+    log = root / "prefect-server.log"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(root / "prefect-server"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                 str(port), "--no-ui", "--no-scheduler", "--no-late-runs"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    try:
+        url = f"http://127.0.0.1:{port}/api"
+        wait_for(lambda: http_ok(f"{url}/health"), "prefect server", timeout, proc, log)
+        yield url
+    finally:
+        stop_group(proc)
 
 
 # ---------------------------------------------------------------------------------------------- PostgreSQL

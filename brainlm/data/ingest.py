@@ -114,9 +114,16 @@ class IngestReport:
     rejected: list[Rejection] = field(default_factory=list)
     validation: object | None = None  # brainlm.data.validation.ValidationSummary
     version: object | None = None  # brainlm.data.versioning.Version
+    new_version: bool = False  # this ingest changed the data version (the same input again changes nothing)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     reports: Path | None = None  # the run report folder (GX results and docs, rejected.csv)
+
+    def as_dict(self) -> dict:
+        """Counts, the store and the data version: what a flow run keeps (no file names, which may name people)."""
+        return {"cohort": self.cohort, "path": None if self.path is None else str(self.path),
+                "recordings": len(self.manifest), "rejected": len(self.rejected),
+                "data_version": None if self.version is None else self.version.tag, "new_version": self.new_version}
 
     def summary(self) -> str:
         """What the console shows: counts, rejected files with their rules, validation, DVC version."""
@@ -132,7 +139,8 @@ class IngestReport:
         if self.reports is not None:
             lines.append(f"  run report {self.reports}")
         if self.version is not None:
-            lines.append(f"  data version {self.version.md5} (git {(self.version.rev or 'not committed')[:13]})")
+            lines.append(f"  data version {self.version.md5} (git {(self.version.rev or 'not committed')[:13]})"
+                         f"{'' if self.new_version else ', unchanged: the store already held this data'}")
         return "\n".join(lines)
 
 
@@ -170,6 +178,7 @@ def ingest(
 
     versioning.ensure_repo(settings.home)
     with versioning.store_lock(settings.home):
+        previous = versioning.current_md5(settings.home)
         settings.cohorts_dir.mkdir(parents=True, exist_ok=True)
         report.notes += _recover_leftovers(settings.cohorts_dir)
         final = settings.cohorts_dir / cohort
@@ -187,6 +196,7 @@ def ingest(
         participants = report.manifest["participant"].nunique()
         message = f"ingest cohort {cohort}: {len(report.manifest)} recordings of {participants} participants"
         report.version, note = _commit(settings.home, final, old, message)
+        report.new_version = report.version.md5 != previous
         report.notes += [note] if note else []
         report.path = final
     if cfg.push:

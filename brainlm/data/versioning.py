@@ -221,15 +221,23 @@ def versions(home: str | Path | None = None) -> list[Version]:
     return out
 
 
-def current_version(home: str | Path | None = None, check_dirty: bool = True) -> Version | None:
-    """The data version in the working tree (None before the first ingest): for MLflow lineage tags."""
-    home = _home(home)
-    pointer = home / DATA_DVC
+def current_md5(home: str | Path | None = None) -> str | None:
+    """The md5 that data.dvc records in the working tree (None before the first ingest)."""
+    pointer = _home(home) / DATA_DVC
     if not pointer.exists():
         return None
     md5 = _md5(pointer.read_text())
     if md5 is None:
         raise VersioningError(f"{pointer} has no output md5: is it a DVC pointer file?")
+    return md5
+
+
+def current_version(home: str | Path | None = None, check_dirty: bool = True) -> Version | None:
+    """The data version in the working tree (None before the first ingest): for MLflow lineage tags."""
+    home = _home(home)
+    md5 = current_md5(home)
+    if md5 is None:
+        return None
     match = next((v for v in versions(home) if v.md5 == md5), Version(md5=md5))
     if check_dirty:
         with _repo(home) as repo:

@@ -1,8 +1,8 @@
 """Every `brainlm` command run the way the README shows it: the console script in a subprocess.
 
 One brainlm home walks the README's sequence once (module fixture): presets → synth → ingest → a second ingest →
-data versions → data checkout (back to the first version) → data export → pretrain → promote → models → evaluate →
-networks → attention → perturb.
+data versions → data checkout (back to the first version) → data export → pretrain → promote --gate → promote →
+models → evaluate → networks → attention → perturb.
 Each test then checks what one command printed and the state it left (files, data versions, MLflow runs, registry
 aliases), read back with the library from the same home.
 """
@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from brainlm import registry
 from brainlm.config import PRESETS, load_settings
@@ -88,6 +89,7 @@ def session(tmp_path_factory) -> Session:
     brainlm("checkout", "data", "checkout", s.first.rev[:8])
     brainlm("export", "data", "export", "--cohort", COHORT, "--out", str(work / "export"))
     brainlm("pretrain", "pretrain", "--cohort", COHORT, "--preset", "tiny", *PRETRAIN)
+    brainlm("gate", "promote", "--gate", "--cohort", COHORT)
     brainlm("promote", "promote", "brainlm-pretrained", "1", "--alias", "champion")
     brainlm("models", "models")
     brainlm("evaluate", "evaluate", *EVALUATE)
@@ -180,6 +182,19 @@ def test_the_registered_version_carries_the_stores_current_data_version(session)
     run = MlflowClient(settings.tracking_uri()).get_run(version["run_id"])
     assert run.data.tags[registry.DATA_VERSION_TAG] == current.tag
     assert f"data version {current.tag}" in session.out["pretrain"]
+
+
+def test_promote_gate_scores_the_challenger_on_held_out_participants_and_records_why(session):
+    """Two optimiser steps do not beat predicting zero by the margin: the gate says so, with the numbers, and
+    leaves the alias where it was; the decision and its evidence stay on the version."""
+    settings = load_settings(session.home)
+    tags = MlflowClient(settings.tracking_uri()).get_model_version(PRETRAINED, "1").tags
+    out = session.out["gate"]
+    assert out.startswith(f"brainlm-pretrained version 1: {tags['gate.reason']}")
+    assert "predicting zero" in out and f"cohort {COHORT}" in out
+    assert tags["gate.data_version"] == versioning.current_version(session.home).tag
+    promoted = tags["gate.decision"] == "promoted"
+    assert promoted == (float(tags["gate.challenger_masked_mse"]) <= 0.99 * float(tags["gate.zero_masked_mse"]))
 
 
 def test_promote_moves_the_champion_alias_to_the_version(session):

@@ -123,3 +123,21 @@ def test_the_engine_and_the_step_benches_import_with_torch_alone():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+
+
+@pytest.mark.slow
+def test_pretrain_quality_prints_the_curve_beside_the_references_and_the_final_ratios(tmp_path):
+    out = run("pretrain_quality.py", "--seconds", "1", "--steps", "40", "--warmup", "5", "--eval-every", "10", "--batch", "4",
+              "--subjects", "5", "--parcels", "18", "--set", "window=100", "--json", str(tmp_path / "q.json"))
+    assert "references (masked MSE): zero" in out and "spatial" in out and "temporal" in out
+    assert "model/zero" in out and "model/spatial" in out and "the spatial reference" in out
+    saved = json.loads((tmp_path / "q.json").read_text())
+    assert saved["cohort"]["parcels"] == 18 and saved["cohort"]["participants"] == 5
+    curve = saved["curve"]
+    assert curve[0]["step"] == 0 and curve[-1]["step"] >= 1 and all(r["model"] > 0 for r in curve)
+    refs = saved["references"]
+    assert refs["spatial"] < refs["zero"]  # other parcels at the same timepoints predict the synthetic signal
+    last = curve[-1]
+    assert saved["final"]["model/spatial"] == pytest.approx(last["model"] / refs["spatial"])
+    run("pretrain_quality.py", "--plot-from", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png"))
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"

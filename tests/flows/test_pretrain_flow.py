@@ -76,12 +76,3 @@ def test_check_cohort_refuses_recordings_shorter_than_the_window(tmp_path):
                                                     f"model's 200-TR window")):
         pipelines.check_cohort(cohort, preset("tiny"))
     pipelines.check_cohort(cohort, preset("tiny", window=100))
-
-
-def test_serve_offers_the_pretrain_default_deployment():
-    from flows.serve import deployments
-
-    [deployment] = deployments()
-    assert (deployment.flow_name, deployment.name) == ("pretrain", "default")
-    assert deployment.parameters["cohort"] == "demo" and deployment.parameters["preset"] == "tiny"
-    assert deployment.entrypoint.endswith("flows/pretrain.py:pretrain")

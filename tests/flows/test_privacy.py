@@ -1,4 +1,5 @@
-"""No participant id anywhere in MLflow after the demo, and the scan that says so finds what it should.
+"""No participant id anywhere in MLflow after the demo plus an evaluation, and the scan that says so finds what it
+should.
 
 The scan (tests/privacy.py) reads the whole tracking store and artifact root; the first test plants an id in
 each kind of place it covers, so a scan that silently looked nowhere would fail there.
@@ -68,11 +69,16 @@ def test_the_scan_finds_an_id_wherever_mlflow_keeps_it(home, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("prefect_harness")
-def test_no_participant_id_anywhere_in_mlflow_after_the_demo(home):
+@pytest.mark.usefixtures("prefect_harness", "one_thread")
+def test_no_participant_id_anywhere_in_mlflow_after_the_demo_and_an_evaluation(home):
+    """The demo, then the `evaluate` flow on its cohort (forecasting and clinical prediction of age on a tiny budget:
+    per-model runs, comparison tables, plots, task models), then the scan of everything MLflow holds."""
     from flows.demo import demo
+    from flows.evaluate import evaluate
 
     result = demo(steps=4)
+    evaluated = evaluate(cohort="demo", model=f"models:/{result.model_name}@{result.alias}", targets=["age"], steps=2,
+                         folds=2)
 
     settings = load_settings()
     cohort = open_cohort("demo", settings)
@@ -82,6 +88,10 @@ def test_no_participant_id_anywhere_in_mlflow_after_the_demo(home):
 
     places = [where for where, _ in stored_items(settings)]
     assert any(w.startswith(f"run {result.run_id}") for w in places)
+    assert [(e["task"], e["target"]) for e in evaluated] == [("forecast", None), ("clinical", "age")]
+    assert all(any(w.startswith(f"run {e['run_id']}") for w in places) for e in evaluated)
+    assert any(w.startswith("registered model brainlm-clinical-age") for w in places)
+    assert any(w.startswith("artifact ") and w.endswith("clinical_age_scatter.png") for w in places)
     assert any(w.startswith("artifact ") and w.endswith("model.safetensors") for w in places)
     assert any(w.startswith("registered model ") for w in places) and any(w.startswith("database ") for w in places)
     assert_no_participant_ids(settings, ids)

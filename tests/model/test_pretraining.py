@@ -191,13 +191,17 @@ def test_load_checkpoint_names_a_folder_that_is_not_a_checkpoint(tmp_path):
         checkpoint.load(tmp_path)
 
 
-def test_tiny_model_learns_masked_patches_on_structured_cohort(tmp_path, one_thread):
-    """A fixed budget of 200 steps takes held-out masked MSE well below predicting zero (< 0.6×).
+@pytest.mark.slow
+def test_tiny_model_learns_from_a_zero_start_to_well_below_zero(tmp_path, one_thread):
+    """A CI budget of 200 steps takes held-out masked MSE from the zero baseline (where the model starts: the
+    prediction head starts near 0) to well below it, closing on the spatial reference scored on the same masks.
 
-    The cohort's parcels read a few smooth latent oscillations through spatially smooth loadings, so a
-    masked patch is predictable from the visible patches of other parcels at the same time. The loop is the
-    engine's own (make_loaders → train_steps → evaluate), without Ray. (Measured: the loss sits near the zero
-    baseline for ~100 steps, then drops to about 0.25× by step 200.)
+    The cohort's parcels read a few smooth latent oscillations through spatially smooth loadings, so a masked
+    patch is predictable from the visible patches of other parcels at the same time: the spatial reference (the
+    Gaussian conditional mean from the training subjects' covariance) is strong here. The loop is the engine's
+    own (make_loaders → train_steps → evaluate), without Ray. Measured (masked MSE / zero's): 1.02 at the start,
+    0.17 after 200 steps, 0.085 after 600 and 0.070 after 1 200, against the spatial reference's 0.069 (on these
+    noiseless latent mixtures the linear reference is near the best possible).
     """
     torch.manual_seed(0)
     cohort = open_cohort(make_cohort(tmp_path / "cohort", n_participants=16, parcels=32, timepoints=300))
@@ -209,14 +213,20 @@ def test_tiny_model_learns_masked_patches_on_structured_cohort(tmp_path, one_thr
     model = BrainLM(model_cfg)
     opt = build_optimizer(model, cfg, CPU)
     sched = build_scheduler(opt, cfg)
-    before = evaluate(model, loaders.val, coords, CPU, model_cfg.mask_ratio)
+    before = evaluate(model, loaders.val, coords, CPU, model_cfg.mask_ratio, loaders.references)
 
     start = time.perf_counter()
-    loss, _ = train_steps(model, iter(loaders.train), cfg.steps, coords, opt, sched, cfg, CPU)
+    train_steps(model, iter(loaders.train), cfg.steps, coords, opt, sched, cfg, CPU)
     seconds = time.perf_counter() - start
-    after = evaluate(model, loaders.val, coords, CPU, model_cfg.mask_ratio)
+    after = evaluate(model, loaders.val, coords, CPU, model_cfg.mask_ratio, loaders.references)
 
-    print(f"{cfg.steps * cfg.batch_size / seconds:.0f} windows/s; val {before} -> {after}")
+    print(f"{cfg.steps * cfg.batch_size / seconds:.0f} windows/s; val masked MSE / zero: "
+          f"{before['masked_mse'] / before['zero_mse']:.3f} -> {after['masked_mse'] / after['zero_mse']:.3f} "
+          f"(spatial {after['spatial_mse'] / after['zero_mse']:.3f}, temporal "
+          f"{after['temporal_mse'] / after['zero_mse']:.3f})")
     assert after["zero_mse"] == pytest.approx(before["zero_mse"])  # same windows, same masks
-    assert after["masked_mse"] < 0.6 * after["zero_mse"], after
-    assert after["masked_r2"] > 0.3, after
+    assert after["spatial_mse"] == pytest.approx(before["spatial_mse"])
+    # Where it started: on the zero baseline, not below it (learning, not a lucky initialisation).
+    assert 0.97 * before["zero_mse"] < before["masked_mse"] < 1.1 * before["zero_mse"], before
+    assert after["masked_mse"] < 0.3 * after["zero_mse"], after
+    assert after["spatial_mse"] < 0.1 * after["zero_mse"]  # the strong reference it is closing on

@@ -31,6 +31,8 @@ from brainlm.tasks.perturb import (
 )
 
 P, T = 6, 60  # parcels, window (3 patches of 20)
+# One intra-op thread: the perturbation's many small backward passes run 15× slower on two busy cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -173,7 +175,9 @@ def test_forecast_sees_everything_but_the_horizon(model, batch):
     assert torch.allclose(forecast(model, future, coords, 1), base, atol=1e-6)
     past = signals.clone()
     past[:, 0, :20] += 5.0
-    assert not torch.allclose(forecast(model, past, coords, 1), base, atol=1e-4)
+    # Small in an untrained model (its relative-time bias starts out favouring tokens of the same patch, here all
+    # masked), but far above the exact zero of the masked future.
+    assert (forecast(model, past, coords, 1) - base).abs().max() > 1e-6
     with pytest.raises(PerturbError, match="horizon must be between 1 and 2"):
         forecast(model, signals, coords, horizon=3)
 

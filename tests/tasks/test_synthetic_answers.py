@@ -54,7 +54,7 @@ def test_task_contrast_puts_the_visual_network_first(tiny):
     hits = precision_at_k(result.parcels["statistic"].to_numpy(), visual)
     print("\n" + ranked[["network", "statistic", "p", "p_fwer"]].round(3).to_string(), f"\nprecision: {hits}")
     assert result.scheme == "within participants"
-    assert ranked["network"][0] == "Visual"  # ranked first; at this size not significant after FWER (see report)
+    assert ranked["network"][0] == "Visual"  # ranked first; FWER significance varies with the pretraining
     assert ranked["statistic"][0] >= 1.2 * ranked["statistic"][1]
     assert hits >= 4 * visual.mean()  # chance: the visual share of the parcels (6 of 48)
 

@@ -1,15 +1,28 @@
-"""The full downstream comparison on a larger synthetic cohort: forecasting and clinical prediction, every model
-against its baselines on the same subjects, printed as tables.
+"""What a pretrained BrainLM knows and how it compares, on a larger synthetic cohort, printed as tables.
 
-One synthetic population (same dynamics, same phenotype effects) is split by subject: a pretraining cohort and a
-disjoint task cohort, so no subject a task tests on was seen in pretraining. BrainLM (`--preset`) is pretrained
-on the pretraining cohort by the training engine itself (brainlm/engine.py: the launcher's loaders, steps and
-evaluation, without Ray or MLflow), then every task runs on the task cohort through the same library calls
-`brainlm evaluate` makes (without MLflow). Each task is one function returning its table, so more
-sections (e.g. network classification) are added as more functions in `SECTIONS`.
+Sections (`--sections`, default all):
+    forecast   forecasting: BrainLM against every baseline on the same subjects
+    clinical   clinical prediction of each `--targets` phenotype, the same way
+    networks   network identification: kNN of parcels into the atlas's networks from the model's attention,
+               against functional connectivity, an untrained model and the centroids (Yeo-7 and the 12
+               Cole-Anticevic labels), with each label set's planted ceiling
+
+One synthetic population (same networks, dynamics, phenotype effects) is split by subject: a pretraining cohort
+and a disjoint task cohort, so no subject a section reads was seen in pretraining. BrainLM (`--preset`) is
+pretrained on the pretraining cohort by the training engine itself (brainlm/engine.py: the launcher's loaders,
+steps and evaluation, without Ray or MLflow: `train_in_process`), then every section runs on the task cohort through the same library
+calls `brainlm evaluate` and `brainlm networks` make (without MLflow). Each section is one function returning its
+text, listed in `SECTIONS`.
+
+What the 12-network row means: the generator plants the Yeo-7 partition, so the parcels of one Yeo network share
+one signal and nothing in the data separates, say, CAB-NP's Visual1 from Visual2 inside Yeo's Visual. The
+`planted ceiling` printed beside each label set is the accuracy of the best classifier that knows each parcel's
+planted network exactly (the majority label within each planted network); above it, a method must be using
+anatomy (centroids), not the signals.
 
     PYTHONPATH=. .venv/bin/python bench/science.py                      # about 30 min on 2 busy CPU cores
     PYTHONPATH=. .venv/bin/python bench/science.py --quick              # a smoke run, a few minutes
+    PYTHONPATH=. .venv/bin/python bench/science.py --sections networks --parcels 128 ...   # see bench/README.md
 """
 
 from __future__ import annotations
@@ -19,32 +32,46 @@ import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
-from brainlm.config import ClinicalConfig, ForecastConfig, ModelConfig, SynthConfig, TrainConfig, preset
+from brainlm.config import (
+    ClinicalConfig,
+    ForecastConfig,
+    ModelConfig,
+    NetworksConfig,
+    SynthConfig,
+    TrainConfig,
+    preset,
+)
 from brainlm.data import store
-from brainlm.data.atlas import load_atlas
+from brainlm.data.atlas import Atlas, load_atlas
 from brainlm.data.scaling import robust_scale
 from brainlm.data.store import Cohort, open_cohort
-from brainlm.data.synthetic import synthesize
-from brainlm.engine import (
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    evaluation_steps,
-    make_loaders,
-    train_steps,
-)
+from brainlm.data.synthetic import GroundTruth, load_ground_truth, synthesize
+from brainlm.engine import train_in_process
 from brainlm.model import BrainLM
 from brainlm.tasks.clinical import run_clinical
 from brainlm.tasks.common import BrainLMBackbone, table_markdown, table_text
 from brainlm.tasks.forecast import run_forecast
+from brainlm.tasks.networks import cohort_recordings, labelled_parcels, network_table
 
 CPU = torch.device("cpu")
+NETWORK_LABELS = ("yeo7", "cole_anticevic")
+
+
+@dataclass
+class Inputs:
+    """What every section reads: the task cohort, the pretrained model, and what the generator planted."""
+
+    cohort: Cohort
+    model: BrainLM
+    truth: GroundTruth
 
 
 def store_cohort(src: Path, out: Path, participants: set[str]) -> Path:
@@ -62,39 +89,34 @@ def store_cohort(src: Path, out: Path, participants: set[str]) -> Path:
                               phenotypes[phenotypes["participant_id"].isin(participants)])
 
 
-def cohorts(root: Path, cfg: SynthConfig, task_subjects: int) -> tuple[Cohort, Cohort]:
-    """(task cohort, pretraining cohort) from one synthetic population, split by subject."""
+def cohorts(root: Path, cfg: SynthConfig, task_subjects: int) -> tuple[Cohort, Cohort, GroundTruth]:
+    """(task cohort, pretraining cohort, ground truth) from one synthetic population, split by subject."""
     src = synthesize(root / "raw", cfg)
     people = pd.read_csv(src / "participants.tsv", sep="\t")["participant_id"].tolist()
     return (open_cohort(store_cohort(src, root / "task", set(people[:task_subjects]))),
-            open_cohort(store_cohort(src, root / "pretrain", set(people[task_subjects:]))))
+            open_cohort(store_cohort(src, root / "pretrain", set(people[task_subjects:]))), load_ground_truth(src))
 
 
 def pretrain(cohort: Cohort, model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[BrainLM, dict]:
-    """The engine's pretraining without Ray: its loaders, steps and evaluation points (every `eval_every` steps,
-    on held-out subjects' fixed masks). Returns the model and its last held-out masked MSE / predicting zero's."""
-    torch.manual_seed(train_cfg.seed)
-    model = BrainLM(model_cfg)
-    optimizer = build_optimizer(model, train_cfg, CPU)
-    scheduler = build_scheduler(optimizer, train_cfg)
-    loaders = make_loaders(cohort, model_cfg, train_cfg, CPU)
-    batches, coords = iter(loaders.train), torch.as_tensor(cohort.atlas.coords)
-    step, seconds = 0, 0.0
-    for stop in evaluation_steps(0, train_cfg):
-        _, took = train_steps(model, batches, stop - step, coords, optimizer, scheduler, train_cfg, CPU)
-        step, seconds = stop, seconds + took
-        m = evaluate(model, loaders.val, coords, CPU, model_cfg.mask_ratio)
-        print(f"  pretrain step {step}/{train_cfg.steps}: val masked MSE {m['masked_mse']:.4f} "
-              f"({m['masked_mse'] / m['zero_mse']:.3f} × predicting zero)", flush=True)
-    return model.eval(), {"val_masked_mse_vs_zero": m["masked_mse"] / m["zero_mse"], "pretrain_seconds": seconds}
+    """The engine's pretraining in this process (`train_in_process`), printing every evaluation. Returns the model
+    and its last held-out masked MSE / predicting zero's."""
+    def show(m: dict[str, float]) -> None:
+        print(f"  pretrain step {m['step']}/{train_cfg.steps}: val masked MSE {m['val_masked_mse']:.4f} "
+              f"({m['val_masked_mse'] / m['val_zero_mse']:.3f} × predicting zero; spatial reference "
+              f"{m['val_spatial_mse'] / m['val_zero_mse']:.3f} ×, temporal {m['val_temporal_mse'] / m['val_zero_mse']:.3f} ×)",
+              flush=True)
+
+    run = train_in_process(cohort, model_cfg, train_cfg, CPU, show)
+    m = run.metrics
+    return run.model, {"val_masked_mse_vs_zero": m["val_masked_mse"] / m["val_zero_mse"], "pretrain_seconds": run.seconds}
 
 
 # ------------------------------------------------------------------------------------------- sections
 
 
-def forecast_section(cohort: Cohort, backbone, args) -> str:
+def forecast_section(inputs: Inputs, args) -> str:
     cfg = ForecastConfig(steps=args.finetune_steps, seed=args.seed)
-    result = run_forecast(cohort, backbone, cfg, progress=_quiet(args))
+    result = run_forecast(inputs.cohort, BrainLMBackbone(inputs.model), cfg, progress=_quiet(args))
     t = result.table
     gap = t.loc["brainlm", "mse"] / t.loc["var", "mse"]
     return "\n".join([
@@ -107,15 +129,15 @@ def forecast_section(cohort: Cohort, backbone, args) -> str:
     ])
 
 
-def clinical_section(cohort: Cohort, backbone, args) -> str:
-    parts = []
+def clinical_section(inputs: Inputs, args) -> str:
+    parts, backbone = [], BrainLMBackbone(inputs.model)
     for target in args.targets:
         cfg = ClinicalConfig(target=target, folds=args.folds, steps=args.finetune_steps, seed=args.seed,
                              refit=False)
-        result = run_clinical(cohort, backbone, cfg, progress=_quiet(args))
+        result = run_clinical(inputs.cohort, backbone, cfg, progress=_quiet(args))
         table = result.table
         if args.paper_head:  # the paper's head on the CLS embedding, beside the connectivity-pooled one
-            cls = run_clinical(cohort, backbone, dataclasses.replace(cfg, pooling="cls", models=("brainlm",)),
+            cls = run_clinical(inputs.cohort, backbone, dataclasses.replace(cfg, pooling="cls", models=("brainlm",)),
                                progress=_quiet(args)).table.rename(index={"brainlm": "brainlm_cls"})
             table = pd.concat([table, cls])
         parts += [f"## Clinical: {target} ({result.task}, {result.sizes['subjects']} subjects, "
@@ -124,9 +146,40 @@ def clinical_section(cohort: Cohort, backbone, args) -> str:
     return "\n".join(parts)
 
 
-SECTIONS: dict[str, Callable[[Cohort, object, argparse.Namespace], str]] = {
+def networks_section(inputs: Inputs, args) -> str:
+    """kNN balanced accuracy of every method for each label set, beside chance and the planted ceiling."""
+    cohort = inputs.cohort
+    cfg = NetworksConfig(max_recordings=args.network_recordings, seed=args.seed)
+    columns = [c for c in NETWORK_LABELS if c in cohort.atlas.networks]
+    table = network_table(inputs.model, cohort_recordings(cohort, cfg), cohort.atlas, columns, cfg)
+    planted = inputs.truth.parcel_networks(cohort.atlas.index)
+    parts = [f"## Networks ({min(cfg.max_recordings, len(cohort.recording_ids))} recordings of the task cohort; "
+             f"attention from the {cfg.source}, mean over blocks; kNN k={cfg.neighbours}, {cfg.folds} stratified "
+             f"folds)"]
+    for column in columns:
+        rows = table[table["labels"] == column].set_index("method")[["accuracy", "balanced_accuracy"]]
+        ceiling = planted_ceiling(cohort.atlas, column, planted)
+        first = table[table["labels"] == column].iloc[0]
+        rows.loc["chance"] = [first["chance_accuracy"], first["chance_balanced"]]
+        rows.loc["planted ceiling"] = list(ceiling)
+        parts += ["", f"{column}: {int(first['networks'])} networks, {int(first['parcels'])} labelled parcels",
+                  table_text(rows, ".3f")]
+    return "\n".join(parts)
+
+
+def planted_ceiling(atlas: Atlas, column: str, planted: list[str]) -> tuple[float, float]:
+    """(accuracy, balanced accuracy) of predicting each planted network's majority label in `column`."""
+    positions, labels, _, _ = labelled_parcels(atlas, column)
+    truth = pd.DataFrame({"planted": [planted[p] for p in positions], "label": labels})
+    majority = truth.groupby("planted")["label"].agg(lambda s: s.value_counts().index[0])
+    predicted = truth["planted"].map(majority)
+    return float((predicted == truth["label"]).mean()), float(balanced_accuracy_score(truth["label"], predicted))
+
+
+SECTIONS: dict[str, Callable[[Inputs, argparse.Namespace], str]] = {
     "forecast": forecast_section,
     "clinical": clinical_section,
+    "networks": networks_section,
 }
 
 
@@ -149,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--targets", nargs="+", default=["age", "sex"])
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--paper-head", action="store_true", help="also the CLS-pooled head (the paper's)")
+    p.add_argument("--network-recordings", type=int, default=8, help="networks: recordings the features come from")
     p.add_argument("--quick", action="store_true", help="a smoke run: small cohort, few steps")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -157,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.subjects, args.pretrain_subjects, args.parcels, args.timepoints = 16, 8, 20, 300
         args.pretrain_steps, args.finetune_steps, args.folds, args.window = 20, 5, 2, 100
+        args.network_recordings = 2
     torch.set_num_threads(args.threads)
     synth = SynthConfig(subjects=args.subjects + args.pretrain_subjects, timepoints=args.timepoints,
                         max_parcels=args.parcels, noise=args.noise, seed=args.seed)
@@ -165,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                             batch_size=16, warmup_steps=round(0.05 * args.pretrain_steps), val_fraction=0.1,
                             test_fraction=0.0, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        task, pre = cohorts(Path(tmp), synth, args.subjects)
+        task, pre, truth = cohorts(Path(tmp), synth, args.subjects)
         print(f"# brainlm science bench: {args.subjects} task + {args.pretrain_subjects} pretraining subjects × "
               f"{synth.recordings_per_subject} recordings × {args.timepoints} TRs, {task.n_parcels} parcels, noise "
               f"{args.noise}; {args.preset} (window {args.window}, mask 0.5, decoder 64), {args.pretrain_steps} "
@@ -175,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
               f"({info['pretrain_seconds']:.0f} s)\n", flush=True)
         for name in args.sections:
             start = time.perf_counter()
-            text = SECTIONS[name](task, BrainLMBackbone(model), args)
+            text = SECTIONS[name](Inputs(task, model, truth), args)
             print(f"{text}\n({name}: {time.perf_counter() - start:.0f} s)\n", flush=True)
 
 

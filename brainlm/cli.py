@@ -187,6 +187,56 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(result.summary())
 
 
+def cmd_networks(args: argparse.Namespace) -> None:
+    from brainlm.config import NetworksConfig, with_options
+
+    cfg = with_options(NetworksConfig(), **_config_options(args, NetworksConfig))
+    from brainlm.interpret import run_networks  # only now: loads MLflow
+
+    print(run_networks(args.cohort, cfg, model_uri=args.model, report_dir=args.report).summary())
+
+
+def cmd_attention(args: argparse.Namespace) -> None:
+    from brainlm.config import AttentionConfig, with_options
+
+    cfg = with_options(AttentionConfig(), **_config_options(args, AttentionConfig))
+    from brainlm.interpret import run_attention
+
+    groups = tuple(args.groups) if args.groups else None
+    print(run_attention(args.cohort, args.by, groups, args.threshold, cfg, model_uri=args.model,
+                        report_dir=args.report).summary())
+
+
+def cmd_perturb(args: argparse.Namespace) -> None:
+    from brainlm.config import PerturbConfig, with_options
+    from brainlm.errors import ConfigError
+
+    cfg = with_options(PerturbConfig(), **_config_options(args, PerturbConfig))
+    if args.by and args.threshold is None and not (args.source and args.target):
+        raise ConfigError("--by needs --source A --target B (two values of the column) or --threshold X")
+    if not (args.by or args.drive or args.register):
+        raise ConfigError("brainlm perturb needs --by COLUMN --source A --target B, --drive PARCELS, or --register")
+    from brainlm.interpret import register_perturbation_model, run_drive, run_perturb
+
+    if args.drive:
+        parcels = [p.strip() for p in args.drive.split(",") if p.strip()]
+        print(run_drive(args.cohort, parcels, args.signal, args.amplitude, args.period, cfg, model_uri=args.model,
+                        report_dir=args.report).summary())
+    elif args.by:
+        groups = (args.source, args.target) if args.threshold is None else None
+        print(run_perturb(args.cohort, args.by, groups, args.threshold, cfg, model_uri=args.model,
+                          report_dir=args.report).summary())
+    if args.register:
+        version = register_perturbation_model(args.cohort, args.model)
+        print(f"registered {version.name} version {version.version} @challenger (serving: "
+              f"brainlm/serving_perturbation.py)")
+
+
+def _config_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of config `cls` as the command's options set them (None: keep the config's value)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `brainlm pretrain: error: argument --lr: invalid float value: 'x'`."""
 
@@ -199,7 +249,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, fields: dict[
     """One option per config field: `--batch-size N` for `batch_size`, typed from the field's annotation.
 
     Every option defaults to None (= keep the config's value); the help shows the field's description,
-    allowed range and default (`default_note` instead, e.g. "the preset's").
+    allowed range and default (`default_note` instead, e.g. "the preset's"; a field whose default is None says
+    in its description what leaving it unset means).
     """
     hints = typing.get_type_hints(cls)
     for name, f in fields.items():
@@ -210,7 +261,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, fields: dict[
         names.append("--" + name.replace("_", "-"))
         default = default_note or _shown(f.default if f.default is not dataclasses.MISSING else f.default_factory())
         allowed = f.metadata.get("within") or (f.metadata.get("choices") and "/".join(f.metadata["choices"]))
-        help_text = f"{f.metadata.get('help', '')} (default {default}{', allowed ' + allowed if allowed else ''})"
+        notes = [*([f"default {default}"] if default != "None" else []), *([f"allowed {allowed}"] if allowed else [])]
+        help_text = f"{f.metadata.get('help', '')}" + (f" ({', '.join(notes)})" if notes else "")
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -220,6 +272,18 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, fields: dict[
         else:
             kwargs |= {"type": hint, "metavar": "N" if hint is int else "X"}
         parser.add_argument(*names, **kwargs)
+
+
+def _interpretation_parser(sub: argparse._SubParsersAction, name: str, cls: type, help_text: str,
+                           description: str) -> argparse.ArgumentParser:
+    """An interpretation command: the cohort, the model, the report folder, and one option per field of `cls`."""
+    s = sub.add_parser(name, help=help_text, description=f"{description} Tracked in MLflow with a report folder.")
+    s.add_argument("--cohort", required=True, help="a stored cohort's name (or its folder)")
+    s.add_argument("--model", default=None,
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: models:/brainlm-pretrained@champion)")
+    s.add_argument("--report", default=None, help="report folder (default: reports/<run name> in the brainlm home)")
+    add_config_options(s.add_argument_group(name), cls, {f.name: f for f in dataclasses.fields(cls)})
+    return s
 
 
 def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -235,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
         POOLINGS,
         PRESETS,
         TASKS,
+        AttentionConfig,
         ModelConfig,
+        NetworksConfig,
+        PerturbConfig,
         PromotionConfig,
         TrainConfig,
         run_options,
@@ -315,6 +382,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu", action="store_true", default=None, help="fine-tune on the GPU")
     s.add_argument("--seed", type=int, default=None, metavar="N")
     s.set_defaults(fn=cmd_evaluate)
+
+    s = _interpretation_parser(sub, "networks", NetworksConfig,
+                               "classify parcels into atlas networks from the model's attention (kNN)",
+                               "Classify the cohort's parcels into an atlas's networks by kNN on the model's "
+                               "parcel-to-parcel attention, beside functional connectivity, an untrained model and "
+                               "the centroids.")
+    s.set_defaults(fn=cmd_networks)
+
+    s = _interpretation_parser(sub, "attention", AttentionConfig,
+                               "CLS-attention maps of two groups and their permutation-tested contrast",
+                               "Each recording's CLS attention over parcels; two groups from a manifest or phenotype "
+                               "column, contrasted per parcel and per network with permutations of participants "
+                               "(FDR and FWER corrected), beside an untrained model's contrast.")
+    s.add_argument("--by", required=True, help="manifest column (condition) or phenotype column (e.g. phq9)")
+    s.add_argument("--groups", nargs=2, metavar=("A", "B"), default=None, help="two values; the contrast is A − B")
+    s.add_argument("--threshold", type=float, default=None, help="numeric split: column>=X against column<X")
+    s.set_defaults(fn=cmd_attention)
+
+    s = _interpretation_parser(sub, "perturb", PerturbConfig,
+                               "in-silico perturbation with the model frozen; serve it as a model",
+                               "The sparse perturbation of source recordings that makes the frozen model represent "
+                               "them as the target group (--by), or the forecast change when parcels are driven "
+                               "with a signal (--drive); --register serves the model as brainlm-perturbation.")
+    s.add_argument("--by", default=None, help="column whose two groups are the source and the target")
+    s.add_argument("--source", default=None, help="value of --by whose recordings are perturbed")
+    s.add_argument("--target", default=None, help="value of --by whose representation is matched")
+    s.add_argument("--threshold", type=float, default=None, help="numeric split: column<X → column>=X")
+    s.add_argument("--drive", default=None, help="comma-separated parcel names or network names to drive")
+    s.add_argument("--signal", choices=("sine", "block", "constant"), default="sine")
+    s.add_argument("--amplitude", type=float, default=1.0)
+    s.add_argument("--period", type=float, default=40.0, help="TRs per cycle of the driving signal")
+    s.add_argument("--register", action="store_true", help="register the model as brainlm-perturbation (served)")
+    s.set_defaults(fn=cmd_perturb)
 
     sub.add_parser("models", help="registered models: versions, aliases, metrics, runs").set_defaults(fn=cmd_models)
 

@@ -453,6 +453,78 @@ class ClinicalConfig(Config):
     seed: int = param(0, within="[0, inf)", help="seeds the folds, the crops and the head's initial weights")
 
 
+# ---------------------------------------------------------------------------------------- interpretation
+
+
+ATTENTION_SOURCES = ("decoder", "encoder")  # whose parcel-to-parcel attention a network feature is
+RESOLUTIONS = ("recording", "time")  # CLS-attention contrasts: per parcel, or per parcel and moment
+PERTURB_MODES = ("parcel_time", "parcel")
+REPRESENTATIONS = ("reconstruction", "forecast", "cls")  # what a perturbation is matched on
+
+
+@dataclass(frozen=True)
+class NetworksConfig(Config):
+    """Functional networks from attention: kNN of parcels into an atlas partition (brainlm/tasks/networks.py)."""
+
+    labels: str | None = param(None, help='the atlas network column to predict (default: "yeo7" if the atlas has '
+                                          'it, else its first)')
+    source: str = param("decoder", choices=ATTENTION_SOURCES,
+                        help="decoder: masked tokens' attention to the visible ones; encoder: nothing masked")
+    layer: int | None = param(None, help="block index, negative from the end (default: the mean over blocks)")
+    same_time: bool = param(True, help="only attention between tokens of the same patch (time) index")
+    neighbours: int = param(5, within="[1, inf)", help="k of the kNN classifier")
+    folds: int = param(5, within="[2, inf)",
+                       help="stratified cross-validation folds over parcels (fewer if a network is smaller)")
+    max_recordings: int | None = param(None, within="[1, inf)",
+                                       help="a seeded sample of the cohort's recordings (default: all)")
+    max_windows: int | None = param(None, within="[1, inf)",
+                                    help="back-to-back windows per recording, from its start (default: all)")
+    mask_draws: int = param(4, within="[1, inf)",
+                            help="decoder source: random masks per window, at the model's own mask ratio")
+    seed: int = param(0, within="[0, inf)", help="seeds the sample of recordings, the masks and the folds")
+
+
+@dataclass(frozen=True)
+class AttentionConfig(Config):
+    """CLS-attention maps and their group contrasts (brainlm/tasks/attention.py)."""
+
+    layer: int | None = param(None, help="block whose CLS attention is read, negative from the end (default: "
+                                         "the mean over blocks)")
+    resolution: str = param("recording", choices=RESOLUTIONS,
+                            help="recording: attention mass per parcel; time: per parcel and time point (designs "
+                                 "locked to the recording start, e.g. a block task)")
+    max_windows: int | None = param(None, within="[1, inf)",
+                                    help="back-to-back windows per recording, from its start (default: all)")
+    permutations: int = param(5000, within="[1, inf)", help="permutations of the participants' group labels")
+    alpha: float = param(0.05, within="(0, 1)", help="significance level of the corrected p-values")
+    networks: str | None = param(None, help='atlas column grouping parcels for network tests (default: "yeo7" '
+                                            'or the first; "" for none)')
+    seed: int = param(0, within="[0, inf)", help="seeds the permutations")
+
+
+@dataclass(frozen=True)
+class PerturbConfig(Config):
+    """Zero-shot in-silico perturbation with the model frozen (brainlm/tasks/perturb.py)."""
+
+    mode: str = param("parcel_time", choices=PERTURB_MODES,
+                      help="parcel_time: a series per parcel; parcel: one offset per parcel")
+    representation: str = param("reconstruction", choices=REPRESENTATIONS,
+                                help="what is matched: masked-patch predictions under fixed masks, the forecast "
+                                     "of the last patches, or the CLS embedding")
+    sparsity: float = param(1.0, within="[0, inf)", help="weight of the group-lasso penalty (per parcel)")
+    steps: int = param(300, within="[1, inf)", help="proximal gradient steps")
+    lr: float = param(0.05, within="(0, inf)", help="step size (on gradients normalised to unit RMS)")
+    horizon: int = param(1, within="[1, inf)", help="patches forecast at the end of each window (forecast, drive)")
+    max_recordings: int | None = param(None, within="[1, inf)",
+                                       help="a seeded sample of recordings per group (drive: in all; default: all)")
+    max_windows: int | None = param(1, within="[1, inf)",
+                                    help="back-to-back windows per recording, from its start (aligned across "
+                                         "recordings)")
+    networks: str | None = param(None, help='atlas column grouping parcels to rank networks (default: "yeo7" or '
+                                            'the first; "" for none)')
+    seed: int = param(0, within="[0, inf)", help="seeds the samples of recordings and the reconstruction masks")
+
+
 # --------------------------------------------------------------------------------------------- promotion
 
 

@@ -6,6 +6,8 @@
     train_steps(model, batches, n)     n optimiser steps (train_step each); mean loss and seconds
     evaluate(model, loader, ...)       masked MSE / R² of the model and of reference predictors, on one set of
                                        masks drawn in one place (mask_noise)
+    train_in_process(cohort, ...)      all of the above for a whole run in this process: no Ray, no MLflow,
+                                       no checkpoints in between (bench/science.py, the tests' pretrained models)
 
 The launcher (`brainlm.launcher`) runs these inside Ray Train workers; bench/ and a GPU machine without Ray or
 MLflow use them directly. This module imports torch and numpy only (and the model and configs).
@@ -313,3 +315,44 @@ def _loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, **kwargs: 
     workers = cfg.loader_workers
     return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0, **kwargs)
+
+
+# --------------------------------------------------------------------------------------- in process
+
+
+@dataclass
+class InProcessRun:
+    model: BrainLM  # eval mode
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    metrics: dict[str, float]  # the last evaluation: step, windows, train_loss, val_* (the model's and the
+                               # references', as the launcher logs them)
+    seconds: float  # training steps only, evaluations left out
+
+
+def train_in_process(cohort: Any, model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device | str = "cpu",
+                     progress: Callable[[dict[str, float]], None] | None = None) -> InProcessRun:
+    """Pretrain a fresh BrainLM on `cohort` in this process: the launcher's split, loaders, optimiser, schedule and
+    evaluation points (every `eval_every` steps and the last, on the validation windows' fixed masks), one worker.
+
+    The initial weights and the training masks come from `cfg.seed`. `progress(metrics)` is called after every
+    evaluation. For the platform's runs use `brainlm.launcher.fit` (Ray Train: checkpoints, resume, MLflow).
+    """
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    model = BrainLM(model_cfg).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg)
+    loaders = make_loaders(cohort, model_cfg, cfg, device)
+    batches = iter(loaders.train)
+    coords = torch.as_tensor(cohort.atlas.coords, dtype=torch.float32, device=device)
+    step, seconds, metrics = 0, 0.0, {}
+    for stop in evaluation_steps(0, cfg):
+        train_loss, took = train_steps(model, batches, stop - step, coords, optimizer, scheduler, cfg, device)
+        step, seconds = stop, seconds + took
+        val = evaluate(model, loaders.val, coords, device, model_cfg.mask_ratio, loaders.references)
+        metrics = {"step": step, "windows": step * cfg.batch_size, "train_loss": train_loss,
+                   **{f"val_{k}": v for k, v in val.items()}}
+        if progress is not None:
+            progress(metrics)
+    return InProcessRun(model.eval(), optimizer, scheduler, metrics, seconds)

@@ -11,15 +11,18 @@
 
 Participant ids never reach MLflow: every run name, param and tag is checked against the cohort, and artifacts
 hold only counts, model names, parcel names and numbers.
+
+Every task run (these, and the interpretation runs of brainlm/interpret.py) reads its model through
+`load_pretrained` (the model and its lineage tags), is tagged by `run_tags` and runs inside `tracked_run`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
-import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,14 @@ import brainlm
 from brainlm import registry
 from brainlm.config import TASKS, ClinicalConfig, ForecastConfig, Settings, load_settings, to_dict
 from brainlm.data.store import Cohort, open_cohort
+from brainlm.model import BrainLM
 from brainlm.tasks import plots
 from brainlm.tasks.common import Progress, TaskError, table_markdown, table_text
 
 PRETRAINED_TAG = "pretrained_model"
+# The index packages a served task model imports: the pretrained model's pins, and pandas (the task code it
+# carries reads tables).
+TASK_REQUIREMENTS = [*registry.PIP_REQUIREMENTS, f"pandas=={pd.__version__}"]
 TASK_TAG, TARGET_TAG, MODEL_TAG = "task", "target", "model"
 
 
@@ -58,6 +65,18 @@ class EvaluationResult:
 # ------------------------------------------------------------------------------------------ backbone
 
 
+def load_pretrained(model: str, settings: Settings) -> tuple[BrainLM, dict[str, str]]:
+    """(BrainLM, lineage tags) for a registered model, `models:/NAME@ALIAS` or `models:/NAME/N`: the version it
+    is, the run that trained it and that run's data version, for every task run that reads it."""
+    network, _ = registry.load_model(model, settings=settings)
+    version = registry.model_version(model, settings=settings)
+    return network, {
+        PRETRAINED_TAG: f"{version['name']}/{version['version']}",
+        "pretrained_run_id": version["run_id"] or "",
+        "pretrained_data_version": version["data_version"] or registry.UNVERSIONED,
+    }
+
+
 def resolve_backbone(model: str, settings: Settings) -> tuple[nn.Module, dict[str, str]]:
     """(backbone, lineage tags) for `models:/NAME@ALIAS`, `models:/NAME/N`, or a released checkpoint folder."""
     from brainlm.released import is_released_checkpoint, load_released
@@ -68,13 +87,34 @@ def resolve_backbone(model: str, settings: Settings) -> tuple[nn.Module, dict[st
     if not model.startswith("models:/") and ("/" in model or model.startswith(".")):
         raise TaskError(f"{model} is neither a models:/NAME@ALIAS URI nor a folder with a released checkpoint "
                         f"(config.json + model.safetensors)")
-    network, _ = registry.load_model(model, settings=settings)
-    version = registry.model_version(model, settings=settings)
-    return BrainLMBackbone(network), {
-        PRETRAINED_TAG: f"{version['name']}/{version['version']}",
-        "pretrained_run_id": version["run_id"] or "",
-        "pretrained_data_version": version["data_version"] or registry.UNVERSIONED,
-    }
+    network, lineage = load_pretrained(model, settings)
+    return BrainLMBackbone(network), lineage
+
+
+def run_tags(task: str, cohort: Cohort, lineage: dict[str, str], settings: Settings, **extra: str) -> dict[str, str]:
+    """The tags of a task run: its task, cohort and data version, the model it read, the brainlm version."""
+    from brainlm.pipelines import data_version
+
+    return {registry.COHORT_TAG: cohort.name,
+            registry.DATA_VERSION_TAG: data_version(cohort, settings) or registry.UNVERSIONED, TASK_TAG: task,
+            **lineage, "brainlm_version": brainlm.__version__, **extra}
+
+
+@contextlib.contextmanager
+def tracked_run(cohort: Cohort, run_name: str, params: dict[str, Any], tags: dict[str, str],
+                settings: Settings) -> Iterator[str]:
+    """A run of the tasks experiment around a block; yields its id.
+
+    Params, tags and the run name are checked for the cohort's participant ids before anything is logged. The
+    run ends FINISHED when the block completes and FAILED (KILLED on Ctrl-C) when it raises.
+    """
+    from brainlm.pipelines import check_no_participant_ids
+
+    check_no_participant_ids(cohort, params, tags, {"run_name": run_name})
+    run_id = registry.start_run(settings.mlflow.tasks_experiment, run_name, params, tags, settings=settings)
+    with registry.end_run_on_error(run_id, settings=settings):
+        yield run_id
+    registry.end_run(run_id, "FINISHED", settings=settings)
 
 
 def supported(cohort: Cohort) -> list[tuple[str, str | None]]:
@@ -130,15 +170,12 @@ def evaluate(task: str, cohort: str | Path | Cohort, model: str, *, target: str 
              forecast_cfg: ForecastConfig | None = None, clinical_cfg: ClinicalConfig | None = None,
              settings: Settings | None = None, progress: Progress = print) -> EvaluationResult:
     """Run one task on a cohort for every model of its comparison, log and register them all."""
-    from brainlm.pipelines import check_no_participant_ids, data_version
-
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; choose from {list(TASKS)}")
     settings = settings or load_settings()
     backbone, lineage = resolve_backbone(model, settings)  # a released folder is read before MLflow is touched
     opened = cohort if isinstance(cohort, Cohort) else open_cohort(cohort, settings)
     registry.configure(settings)
-    version = data_version(opened, settings) or registry.UNVERSIONED
     if task == "forecast":
         from brainlm.tasks.forecast import run_forecast
 
@@ -152,25 +189,17 @@ def evaluate(task: str, cohort: str | Path | Cohort, model: str, *, target: str 
         target = cfg.target
         result = run_clinical(opened, backbone, cfg, progress)
 
-    tags = {registry.COHORT_TAG: opened.name, registry.DATA_VERSION_TAG: version, TASK_TAG: task, **lineage,
-            "brainlm_version": brainlm.__version__, **({TARGET_TAG: target} if target else {})}
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    run_name = f"{task}{'-' + target if target else ''}-{opened.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+    tags = run_tags(task, opened, lineage, settings, **({TARGET_TAG: target} if target else {}))
+    run_name = registry.unique_run_name(task, *([target] if target else []), opened.name)
     params = {"config": to_dict(cfg), "model_uri": _loggable(model), "sizes": result.sizes}
-    check_no_participant_ids(opened, params, tags, {"run_name": run_name})
     progress("logging to MLflow and registering every model")
-    parent = registry.start_run(settings.mlflow.tasks_experiment, run_name, params, tags, settings=settings)
-    try:
+    with tracked_run(opened, run_name, params, tags, settings) as parent:
         registered = {}
         for name in result.table.index:
             registered[name] = _log_model_run(task, target, name, result, opened, parent, tags, settings)
         _log_comparison(task, result, parent, settings)
         registry.log_metrics(parent, {f"{name}.{k}": v for name, row in result.table.iterrows()
                                       for k, v in row.items()}, step=0, settings=settings)
-    except BaseException as e:
-        registry.end_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", settings=settings)
-        raise
-    registry.end_run(parent, "FINISHED", settings=settings)
     return EvaluationResult(task=task, target=target, cohort=opened.name, table=result.table, run_id=parent,
                             registered=registered, result=result)
 
@@ -190,17 +219,13 @@ def registered_name(task: str, target: str | None, model: str) -> str:
 def _log_model_run(task: str, target: str | None, name: str, result: Any, cohort: Cohort, parent: str,
                    tags: dict[str, str], settings: Settings) -> str:
     """A child run for one model: its params and metrics; its saved form registered under its own name."""
-    from brainlm.pipelines import check_no_participant_ids
     from brainlm.tasks.saved import CONFIG_FILE, WEIGHTS_FILE, load_task_model, save_task_model
 
     fitted = result.fitted[name]
     row = result.table.loc[name]
     run_tags = {**tags, MODEL_TAG: name, "mlflow.parentRunId": parent}
     run_name = f"{task}{'-' + target if target else ''}-{name}-{cohort.name}"
-    check_no_participant_ids(cohort, fitted.params, run_tags, {"run_name": run_name})
-    run_id = registry.start_run(settings.mlflow.tasks_experiment, run_name, {"model": name, **fitted.params},
-                                run_tags, settings=settings)
-    try:
+    with tracked_run(cohort, run_name, {"model": name, **fitted.params}, run_tags, settings) as run_id:
         registry.log_metrics(run_id, row.to_dict(), step=0, settings=settings)
         _log_metric_series(task, name, result, run_id, settings)
         extra = {"window": result.window, "horizon": result.horizon} if task == "forecast" else {}
@@ -208,16 +233,12 @@ def _log_model_run(task: str, target: str | None, name: str, result: Any, cohort
             folder = save_task_model(task, fitted, tmp, extra)
             predictor = load_task_model(folder / CONFIG_FILE, folder / WEIGHTS_FILE)  # what will be served
             example = _example(task, cohort, result, fitted)
-            requirements = _requirements(fitted)
             version = registry.log_model(
                 run_id, folder / WEIGHTS_FILE, _json(folder / CONFIG_FILE),
                 registered_model_name=registered_name(task, target, name), input_example=example,
                 output_example=predictor.predict(example), metrics=_numeric(row), tags=tags,
-                code=registry.SERVING_TASKS_CODE, pip_requirements=requirements, settings=settings,
+                code=registry.SERVING_TASKS_CODE, pip_requirements=_requirements(fitted), settings=settings,
             )
-    except BaseException as e:
-        registry.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", settings=settings)
-        raise
     return f"{version.name}/{version.version}"
 
 
@@ -243,9 +264,8 @@ def _example(task: str, cohort: Cohort, result: Any, fitted: Any) -> dict[str, n
 
 
 def _requirements(fitted: Any) -> list[str]:
-    """The index packages serving the model imports: the pretrained model's pins, pandas (the task code it carries
-    reads tables), torchdiffeq for the neural ODE, transformers for a released backbone."""
-    reqs = [*registry.PIP_REQUIREMENTS, f"pandas=={pd.__version__}"]
+    """TASK_REQUIREMENTS, with torchdiffeq for the neural ODE and transformers for a released backbone."""
+    reqs = list(TASK_REQUIREMENTS)
     if fitted.kind == "ode":
         from importlib.metadata import version
 

@@ -12,12 +12,9 @@ Participant ids never reach MLflow: run params and tags are checked against the 
 
 from __future__ import annotations
 
-import contextlib
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +151,7 @@ def train(
     """Open an MLflow run for this pretraining and fit; the run is marked FAILED if the fit raises."""
     settings = registry.configure(settings or load_settings())
     version = data_version(cohort, settings)
-    run_name = _run_name(cohort, preset_name)
+    run_name = registry.unique_run_name(cohort.name, preset_name)  # unique: never resumes an old Ray run
     # `fit` logs the full model/train config and the cohort to the run; the check covers those values too.
     config = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "cohort": cohort.name}
     params = {"preset": preset_name}
@@ -162,7 +159,7 @@ def train(
             registry.PRESET_TAG: preset_name, "brainlm_version": brainlm.__version__}
     check_no_participant_ids(cohort, config, params, tags, {"run_name": run_name})
     run_id = registry.start_run(settings.mlflow.pretrain_experiment, run_name, params, tags, settings=settings)
-    with _fail_run_on_error(run_id, settings):
+    with registry.end_run_on_error(run_id, settings=settings):
         result = fit(cohort, model_cfg, train_cfg, settings=settings, run_name=run_name,
                      storage_path=settings.ray_results_dir, mlflow_run_id=run_id, resume=False)
     return TrainedRun(run_id=run_id, run_name=run_name, fit=result, data_version=version)
@@ -180,7 +177,7 @@ def register(
     settings = registry.configure(settings or load_settings())
     info = cohort_info(cohort)
     check_no_participant_ids(cohort, {"cohort": info.name, "atlas": info.atlas})
-    with _fail_run_on_error(trained.run_id, settings):
+    with registry.end_run_on_error(trained.run_id, settings=settings):
         version = registry.log_pretrained(
             trained.run_id, trained.fit.checkpoint_dir, model_cfg, info, trained.data_version,
             preset=preset_name, settings=settings,
@@ -191,16 +188,6 @@ def register(
         alias=settings.mlflow.new_alias, checkpoint_dir=trained.fit.checkpoint_dir, metrics=trained.fit.metrics,
         cohort_path=cohort.path, data_version=trained.data_version, tracking_uri=settings.tracking_uri(),
     )
-
-
-@contextlib.contextmanager
-def _fail_run_on_error(run_id: str, settings: Settings) -> Iterator[None]:
-    """Close the MLflow run as FAILED (KILLED on Ctrl-C) if the block raises; the exception propagates."""
-    try:
-        yield
-    except BaseException as e:
-        registry.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", settings=settings)
-        raise
 
 
 def cohort_info(cohort: Cohort) -> registry.CohortInfo:
@@ -254,12 +241,6 @@ def _texts(mapping: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str
             yield name, value
         elif isinstance(value, list | tuple):
             yield from ((name, item) for item in value if isinstance(item, str))
-
-
-def _run_name(cohort: Cohort, preset_name: str) -> str:
-    """`<cohort>-<preset>-<UTC time>-<random>`: unique, so a new run never resumes an old Ray run."""
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return f"{cohort.name}-{preset_name}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
 # ---------------------------------------------------------------------------------------------- demo

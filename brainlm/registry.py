@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +50,7 @@ from brainlm.model import BrainLM
 
 SERVING_CODE = Path(__file__).with_name("serving.py")  # the code file MLflow runs to rebuild BrainLM
 SERVING_TASKS_CODE = Path(__file__).with_name("serving_tasks.py")  # ... and a task model (brainlm/tasks/saved.py)
+SERVING_PERTURBATION_CODE = Path(__file__).with_name("serving_perturbation.py")  # ... and the perturbation model
 CONFIG_FILE = "config.json"
 MODEL_NAME_IN_RUN = "model"
 T = TypeVar("T")
@@ -158,6 +160,22 @@ def start_run(
     return run.info.run_id
 
 
+@contextlib.contextmanager
+def end_run_on_error(run_id: str, *, settings: Settings) -> Iterator[None]:
+    """Close the run as FAILED (KILLED on Ctrl-C) if the block raises; the exception propagates."""
+    try:
+        yield
+    except BaseException as e:
+        end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", settings=settings)
+        raise
+
+
+def unique_run_name(*parts: str) -> str:
+    """`<part>-<part>-...-<UTC time>-<random>`: unique, so a new run never resumes an old Ray run or report."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return "-".join([*parts, stamp, uuid.uuid4().hex[:6]])
+
+
 def log_params(run_id: str, params: Mapping[str, Any], *, settings: Settings) -> None:
     """Nested dicts (e.g. {"model": to_dict(cfg)}) become dotted keys ("model.hidden")."""
     flat = _flatten(params)
@@ -197,6 +215,7 @@ def log_model(
     tags: Mapping[str, str],
     code: Path = SERVING_CODE,
     pip_requirements: list[str] | None = None,
+    params: Mapping[str, Any] | None = None,
     settings: Settings,
 ) -> ModelVersion:
     """Log safetensors weights + a JSON config as a models-from-code pyfunc, register it, alias it.
@@ -204,7 +223,8 @@ def log_model(
     The new version gets `tags`, `metrics` as `metric.<name>` tags (what `list_models` shows, so a task model
     and its baselines compare side by side) and the alias `settings.mlflow.new_alias` ("challenger").
     `code` is the file MLflow executes to rebuild the model from `context.artifacts["weights"]` and
-    `["config"]`; `pip_requirements` defaults to PIP_REQUIREMENTS.
+    `["config"]`; `pip_requirements` defaults to PIP_REQUIREMENTS; `params` (name → default value) become the
+    signature's inference parameters (the `params` of the served model's predict).
     The run is left FINISHED: registration is the last thing a training run does.
     """
     configure(settings)
@@ -217,7 +237,7 @@ def log_model(
                 name=MODEL_NAME_IN_RUN,
                 python_model=str(code),
                 artifacts={"weights": str(weights), "config": str(config_path)},
-                signature=infer_signature(input_example, output_example),
+                signature=infer_signature(input_example, output_example, params=dict(params) if params else None),
                 input_example=input_example,
                 pip_requirements=pip_requirements or PIP_REQUIREMENTS,
                 code_paths=[str(package)],

@@ -39,6 +39,16 @@ def _restore_sys_path():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two threads spin against other processes (several times
+    slower), and the tests' tiny models gain nothing from a second one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def home(tmp_path, monkeypatch):
     """A fresh brainlm home (data store, MLflow DB, Ray results) for one test."""
     root = tmp_path / "home"
@@ -47,5 +57,6 @@ def home(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return root
 
-# Session fixtures for the downstream tasks (a tiny BrainLM pretrained once per session), shared by tasks/ and flows/.
+# Session fixtures for the task tests (a tiny BrainLM pretrained once per session and setup), shared by tasks/ and
+# flows/.
 pytest_plugins = ["fixtures_tasks"]

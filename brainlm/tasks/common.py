@@ -152,29 +152,47 @@ class Windows:
     recording_ids: list[str]
 
 
-def fixed_windows(cohort: Cohort, recording_ids: list[str], window: int, *, stride: int | None = None,
-                  per_recording: int | None = None) -> Windows:
-    """Windows at fixed starts: every `stride` TRs, or `per_recording` evenly spaced ones (first and last included).
+def sample_recordings(recording_ids: list[str], count: int | None, seed: int) -> list[str]:
+    """All of `recording_ids`, or a seeded sample of `count` of them, in their order."""
+    if count is None or count >= len(recording_ids):
+        return list(recording_ids)
+    chosen = np.random.default_rng(seed).choice(len(recording_ids), size=count, replace=False)
+    return [recording_ids[i] for i in sorted(chosen)]
 
-    Works for any recording length >= window; a recording exactly one window long gives one window.
+
+def cut_windows(recording: np.ndarray, window: int, *, stride: int | None = None, per_recording: int | None = None,
+                max_windows: int | None = None) -> np.ndarray:
+    """(n, P, window) float32 windows of one parcels × time recording, at fixed starts.
+
+    Starts every `stride` TRs from TR 0 (default: back to back, so window w covers the same TRs of every
+    recording and a task design stays aligned), or `per_recording` evenly spaced ones (first and last
+    included); `max_windows` keeps the first ones. Any length >= window works; one window long gives one window.
     """
+    last = recording.shape[1] - window
+    if last < 0:
+        raise TaskError(f"a recording of {recording.shape[1]} TRs is shorter than the model's {window}-TR window")
+    if per_recording is not None:
+        starts = np.unique(np.linspace(0, last, per_recording).round().astype(int))
+    else:
+        starts = np.arange(0, last + 1, stride or window)
+    return np.stack([np.array(recording[:, s : s + window], dtype=np.float32) for s in starts[:max_windows]])
+
+
+def fixed_windows(cohort: Cohort, recording_ids: list[str], window: int, *, stride: int | None = None,
+                  per_recording: int | None = None, max_windows: int | None = None) -> Windows:
+    """`cut_windows` of every recording in `recording_ids`, with the recording each window came from."""
     signals, owner = [], []
     for row, rid in enumerate(recording_ids):
         x = cohort.recording(rid)
-        last = x.shape[1] - window
-        if last < 0:
+        if x.shape[1] < window:
             raise CohortError(f"cohort {cohort.path}: recording {rid} has {x.shape[1]} TRs, fewer than the "
                               f"{window}-TR window")
-        if per_recording is not None:
-            starts = np.unique(np.linspace(0, last, per_recording).round().astype(int))
-        else:
-            starts = np.arange(0, last + 1, stride or window)
-        for s in starts:
-            signals.append(np.array(x[:, s : s + window], dtype=np.float32))
-            owner.append(row)
+        cut = cut_windows(x, window, stride=stride, per_recording=per_recording, max_windows=max_windows)
+        signals.append(cut)
+        owner += [row] * len(cut)
     if not signals:
         raise TaskError(f"cohort {cohort.path}: no recordings to cut windows from")
-    return Windows(np.stack(signals), np.array(owner), list(recording_ids))
+    return Windows(np.concatenate(signals), np.array(owner), list(recording_ids))
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -283,11 +301,13 @@ def mean_ci(values: list[float] | np.ndarray, level: float = 0.95) -> tuple[floa
 # --------------------------------------------------------------------------------------------- tables
 
 
-def table_text(table: pd.DataFrame, floatfmt: str = ".4f") -> str:
-    """A comparison table as aligned plain text: one row per model, one column per metric."""
+def table_text(table: pd.DataFrame, floatfmt: str = ".4f", formats: dict[str, str] | None = None) -> str:
+    """A table as aligned plain text: the index first (one row per model, method, network...), then one
+    column per metric; numbers in `floatfmt`, or in `formats[column]` (e.g. ".3g" for p-values)."""
+    formats = formats or {}
     cells = [[str(c) for c in [table.index.name or "model", *table.columns]]]
     for name, row in table.iterrows():
-        cells.append([str(name), *(_fmt(v, floatfmt) for v in row)])
+        cells.append([str(name), *(_fmt(v, formats.get(c, floatfmt)) for c, v in row.items())])
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in cells]

@@ -2,7 +2,7 @@
 
 One brainlm home walks the README's sequence once (module fixture): presets → synth → ingest → a second ingest →
 data versions → data checkout (back to the first version) → data export → pretrain → promote --gate → promote →
-models → evaluate.
+models → evaluate → networks → attention → perturb.
 Each test then checks what one command printed and the state it left (files, data versions, MLflow runs, registry
 aliases), read back with the library from the same home.
 """
@@ -37,6 +37,9 @@ PRETRAIN = ["--steps", "2", "--eval-every", "2", "--batch-size", "4", "--workers
 PRETRAINED = "brainlm-pretrained"
 EVALUATE = ["--task", "forecast", "--cohort", COHORT, "--model", f"models:/{PRETRAINED}@champion", "--steps", "2",
             "--models", "brainlm", "var", "persistence"]
+INTERPRET = [["networks", "--max-recordings", "2"],
+             ["attention", "--by", "condition", "--groups", "task", "rest", "--permutations", "99"],
+             ["perturb", "--drive", "Visual", "--max-recordings", "2"]]
 
 
 @dataclass
@@ -90,6 +93,8 @@ def session(tmp_path_factory) -> Session:
     brainlm("promote", "promote", "brainlm-pretrained", "1", "--alias", "champion")
     brainlm("models", "models")
     brainlm("evaluate", "evaluate", *EVALUATE)
+    for command in INTERPRET:  # the champion by default, as the README shows them
+        brainlm(command[0], *command, "--cohort", COHORT, "--report", str(work / "reports" / command[0]))
     return s
 
 
@@ -224,3 +229,26 @@ def test_evaluate_prints_the_comparison_and_registers_every_model_with_its_linea
 
     tags = MlflowClient(settings.tracking_uri()).get_model_version("brainlm-forecast", "1").tags
     assert tags["pretrained_model"] == f"{PRETRAINED}/1"
+
+
+def test_interpretation_commands_print_their_tables_and_track_runs_with_their_lineage(session):
+    """networks, attention and perturb on the champion: each prints its table and report folder and leaves a
+    finished run in the tasks experiment, tagged with the pretrained version and the data version it read."""
+    assert session.out["networks"].splitlines()[3].split() == ["method", "accuracy", "balanced_accuracy"]
+    assert "task vs rest by 'condition'" in session.out["attention"]
+    assert "parcel(s) driven with a sine" in session.out["perturb"]
+    from mlflow import MlflowClient
+
+    settings = load_settings(session.home)
+    client = MlflowClient(settings.tracking_uri())
+    experiment = client.get_experiment_by_name(settings.mlflow.tasks_experiment)
+    runs = {r.data.tags["task"]: r for r in client.search_runs([experiment.experiment_id])
+            if r.data.tags["task"] in ("networks", "attention", "drive")}
+    assert set(runs) == {"networks", "attention", "drive"}
+    current = versioning.current_version(session.home)
+    for task, run in runs.items():
+        command = "perturb" if task == "drive" else task
+        assert run.info.status == "FINISHED" and run.info.run_id in session.out[command]
+        assert run.data.tags["pretrained_model"] == f"{PRETRAINED}/1"
+        assert run.data.tags[registry.DATA_VERSION_TAG] == current.tag
+        assert (session.work / "reports" / command / "summary.json").is_file()

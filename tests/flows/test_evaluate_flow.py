@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 import mlflow
 import numpy as np
 import pytest
-from fixtures_tasks import register_pretrained
+from fixtures_tasks import DOWNSTREAM, register_pretrained
 from mlflow import MlflowClient
 
 from brainlm import registry
@@ -25,8 +25,8 @@ def test_evaluate_flow_registers_every_model_beside_its_baselines(home, pretrain
     from flows.evaluate import evaluate
 
     settings = load_settings()
-    uri = register_pretrained(pretrained, settings)
-    cohort = pretrained.cohort()
+    uri = register_pretrained(pretrained(DOWNSTREAM), settings)
+    cohort = pretrained(DOWNSTREAM).cohort()
 
     results = evaluate(cohort=str(cohort.path), model=uri, targets=["age"], steps=3, folds=2)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from fixtures_tasks import SCIENCE_MODEL, register_pretrained, untrained_checkpoint
+from fixtures_tasks import DOWNSTREAM, register_pretrained, untrained_checkpoint
 from mlflow import MlflowClient
 
 from brainlm import pipelines, registry
@@ -20,23 +20,28 @@ from brainlm.promotion import GateError, gate
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
+@pytest.fixture
+def tiny(pretrained):
+    return pretrained(DOWNSTREAM)
+
+
 def register(pretrained, settings, checkpoint_dir=None) -> str:
     """Register a checkpoint of the session model's architecture; returns the new version's number."""
     register_pretrained(pretrained, settings, checkpoint_dir)
     return registry.alias_version(settings.mlflow.pretrained_model, settings.mlflow.new_alias, settings=settings)
 
 
-def test_a_worse_challenger_is_never_promoted_and_a_better_one_is(home, pretrained, tmp_path):
+def test_a_worse_challenger_is_never_promoted_and_a_better_one_is(home, tiny, tmp_path):
     settings = load_settings()
     name = settings.mlflow.pretrained_model
-    cohort = pretrained.cohort()
+    cohort = tiny.cohort()
     client = MlflowClient(settings.tracking_uri())
 
     def champion() -> str | None:
         return registry.alias_version(name, settings.mlflow.production_alias, settings=settings)
 
-    trained = register(pretrained, settings)
-    untrained = register(pretrained, settings, untrained_checkpoint(tmp_path / "untrained"))
+    trained = register(tiny, settings)
+    untrained = register(tiny, settings, untrained_checkpoint(tmp_path / "untrained"))
 
     # No champion yet: a challenger must first beat the reference predictors. The untrained network does not.
     first = gate(cohort, untrained)
@@ -51,7 +56,7 @@ def test_a_worse_challenger_is_never_promoted_and_a_better_one_is(home, pretrain
     assert tags["gate.data_version"] == registry.UNVERSIONED  # a cohort outside the home has no data version here
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["gate.code_version"]), tags["gate.code_version"]
     assert int(tags["gate.participants"]) == 4 and int(tags["gate.windows"]) == 8 * PromotionConfig().eval_crops
-    assert float(tags["gate.mask_ratio"]) == SCIENCE_MODEL.mask_ratio  # the challenger's own ratio by default
+    assert float(tags["gate.mask_ratio"]) == DOWNSTREAM.model.mask_ratio  # the challenger's own ratio by default
     assert version.description.startswith(f"{name} version {untrained}: not promoted")
 
     # The pretrained network beats the references by the margin: it becomes the first champion.
@@ -72,7 +77,7 @@ def test_a_worse_challenger_is_never_promoted_and_a_better_one_is(home, pretrain
     assert (third.scores["challenger"], third.scores["zero"]) == (first.scores["challenger"], first.scores["zero"])
 
     # The champion's weights again are not better than the champion by the margin.
-    same = register(pretrained, settings)
+    same = register(tiny, settings)
     tie = gate(cohort, same)
     assert not tie.promoted and tie.scores["challenger"] == tie.scores["champion"] and champion() == trained
 
@@ -82,13 +87,13 @@ def test_a_worse_challenger_is_never_promoted_and_a_better_one_is(home, pretrain
     assert fourth.promoted and champion() == same and fourth.champion == untrained
 
 
-def test_the_gate_refuses_a_model_that_may_have_pretrained_on_the_held_out_participants(home, pretrained):
+def test_the_gate_refuses_a_model_that_may_have_pretrained_on_the_held_out_participants(home, tiny):
     """A model pretrained on the gate's cohort with another split saw some of the gate's held-out participants."""
     settings = load_settings()
-    cohort = pretrained.cohort()
+    cohort = tiny.cohort()
     split = {"train": {"seed": 7, "val_fraction": 0.1, "test_fraction": 0.1}}
     run_id = registry.start_run(settings.mlflow.pretrain_experiment, "pretrain-on-task", split, {}, settings=settings)
-    version = registry.log_pretrained(run_id, pretrained.checkpoint, SCIENCE_MODEL, pipelines.cohort_info(cohort),
+    version = registry.log_pretrained(run_id, tiny.checkpoint, DOWNSTREAM.model, pipelines.cohort_info(cohort),
                                       None, settings=settings)
     registry.end_run(run_id, settings=settings)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixtures_tasks import register_pretrained, untrained_checkpoint
+from fixtures_tasks import DOWNSTREAM, register_pretrained, untrained_checkpoint
 from mlflow import MlflowClient
 from servers import prefect_server, stop_group, wait_for
 
@@ -172,7 +172,7 @@ def test_an_ingest_flow_run_of_new_data_has_the_champion_evaluated_on_that_versi
     from prefect.deployments import run_deployment
 
     settings = load_settings(stack.home)
-    register_pretrained(pretrained, settings)
+    register_pretrained(pretrained(DOWNSTREAM), settings)
     registry.promote(settings.mlflow.pretrained_model, "1", settings=settings)
 
     ingested = run_deployment("ingest/default", parameters={"src": str(lab_input(tmp_path / "v2", seed=1)),
@@ -208,7 +208,7 @@ def test_the_promote_deployment_keeps_a_worse_challenger_out_and_records_why(sta
     from prefect.deployments import run_deployment
 
     settings = load_settings(stack.home)
-    register_pretrained(pretrained, settings, untrained_checkpoint(tmp_path / "untrained"))
+    register_pretrained(pretrained(DOWNSTREAM), settings, untrained_checkpoint(tmp_path / "untrained"))
 
     flow_run = run_deployment("promote/default", parameters={"cohort": COHORT}, timeout=300, poll_interval=1)
 

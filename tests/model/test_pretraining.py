@@ -191,15 +191,6 @@ def test_load_checkpoint_names_a_folder_that_is_not_a_checkpoint(tmp_path):
         checkpoint.load(tmp_path)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads spin against other processes (5× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_tiny_model_learns_from_a_zero_start_to_well_below_zero(tmp_path, one_thread):
     """A CI budget of 200 steps takes held-out masked MSE from the zero baseline (where the model starts: the

@@ -72,7 +72,7 @@ def test_evaluate_command_accepts_a_released_checkpoint_folder(released_dir, hom
 
     from brainlm.cli import main
 
-    task_cohort, _ = synthetic_stores(home / "synth", SynthConfig(subjects=4, timepoints=200,
+    _, task_cohort, _ = synthetic_stores(home / "synth", SynthConfig(subjects=4, timepoints=200,
                                                                    recordings_per_subject=1, seed=1), 3)
     code = main(["evaluate", "--task", "forecast", "--cohort", str(task_cohort), "--model", str(released_dir),
                  "--steps", "1", "--models", "brainlm", "scratch", "persistence"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from fixtures_tasks import DOWNSTREAM, register_pretrained, untrained_checkpoint
+from fixtures_tasks import INTERPRETATION, register_pretrained, untrained_checkpoint
 from mlflow import MlflowClient
 
 from brainlm import pipelines, registry
@@ -20,9 +20,14 @@ from brainlm.promotion import GateError, gate
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
+# The setup whose pretraining beats every reference on held-out subjects (masked MSE 0.19 against the spatial
+# reference's 0.22); the forecasting setup's only ties the spatial reference, which the gate rightly refuses.
+SETUP = INTERPRETATION
+
+
 @pytest.fixture
 def tiny(pretrained):
-    return pretrained(DOWNSTREAM)
+    return pretrained(SETUP)
 
 
 def register(pretrained, settings, checkpoint_dir=None) -> str:
@@ -41,7 +46,7 @@ def test_a_worse_challenger_is_never_promoted_and_a_better_one_is(home, tiny, tm
         return registry.alias_version(name, settings.mlflow.production_alias, settings=settings)
 
     trained = register(tiny, settings)
-    untrained = register(tiny, settings, untrained_checkpoint(tmp_path / "untrained"))
+    untrained = register(tiny, settings, untrained_checkpoint(tmp_path / "untrained", SETUP))
 
     # No champion yet: a challenger must first beat the reference predictors. The untrained network does not.
     first = gate(cohort, untrained)
@@ -55,8 +60,9 @@ def test_a_worse_challenger_is_never_promoted_and_a_better_one_is(home, tiny, tm
     assert (tags["gate.champion_version"], tags["gate.margin"], tags["gate.cohort"]) == ("none", "0.01", cohort.name)
     assert tags["gate.data_version"] == registry.UNVERSIONED  # a cohort outside the home has no data version here
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["gate.code_version"]), tags["gate.code_version"]
-    assert int(tags["gate.participants"]) == 4 and int(tags["gate.windows"]) == 8 * PromotionConfig().eval_crops
-    assert float(tags["gate.mask_ratio"]) == DOWNSTREAM.model.mask_ratio  # the challenger's own ratio by default
+    # 24 task subjects: 10 % held out for testing (2), each with a rest and a task recording
+    assert int(tags["gate.participants"]) == 2 and int(tags["gate.windows"]) == 4 * PromotionConfig().eval_crops
+    assert float(tags["gate.mask_ratio"]) == SETUP.model.mask_ratio  # the challenger's own ratio by default
     assert version.description.startswith(f"{name} version {untrained}: not promoted")
 
     # The pretrained network beats the references by the margin: it becomes the first champion.
@@ -93,7 +99,7 @@ def test_the_gate_refuses_a_model_that_may_have_pretrained_on_the_held_out_parti
     cohort = tiny.cohort()
     split = {"train": {"seed": 7, "val_fraction": 0.1, "test_fraction": 0.1}}
     run_id = registry.start_run(settings.mlflow.pretrain_experiment, "pretrain-on-task", split, {}, settings=settings)
-    version = registry.log_pretrained(run_id, tiny.checkpoint, DOWNSTREAM.model, pipelines.cohort_info(cohort),
+    version = registry.log_pretrained(run_id, tiny.checkpoint, SETUP.model, pipelines.cohort_info(cohort),
                                       None, settings=settings)
     registry.end_run(run_id, settings=settings)
 

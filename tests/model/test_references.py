@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 from fixtures_cohort import make_cohort, write_cohort
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from brainlm.config import preset
 from brainlm.data.atlas import Atlas
@@ -163,32 +163,3 @@ def test_references_on_a_structured_cohort_beat_zero(tmp_path):
     m = expand_mask(mask, 100)
     mse = {name: ((predict(x, mask) - x)[m] ** 2).mean().item() for name, predict in refs.items()}
     assert mse["spatial"] < 0.5 * mse["zero"]  # latent mixtures: other parcels predict a lot
-
-
-def _evaluate_shard(rank, world, init_file, windows, cov, out):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = BrainLM(preset("tiny", window=40)).eval()
-        shard = Subset(MaskedWindows(windows, 20, seed=3), range(rank, len(windows), world))  # as make_loaders
-        out[rank] = evaluate(model, DataLoader(shard, batch_size=2), torch.zeros(4, 3), CPU, 0.5,
-                             reference_predictors(cov))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_evaluation_sums_over_distributed_ranks(tmp_path):
-    """Two ranks scoring shards of different sizes get the figures one process gets on all windows."""
-    windows = list(torch.randn(5, 4, 40, generator=torch.Generator().manual_seed(0)))
-    cov = parcel_covariance(windows)
-    out = torch.multiprocessing.Manager().dict()
-    torch.multiprocessing.start_processes(_evaluate_shard, args=(2, tmp_path / "init", windows, cov, out), nprocs=2,
-                                          start_method="fork")
-    torch.manual_seed(0)
-    model = BrainLM(preset("tiny", window=40)).eval()
-    single = evaluate(model, DataLoader(MaskedWindows(windows, 20, seed=3), batch_size=2), torch.zeros(4, 3), CPU,
-                      0.5, reference_predictors(cov))
-    assert set(single) == {"masked_mse", "masked_r2", *(f"{r}_{m}" for r in ("zero", "spatial", "temporal")
-                                                         for m in ("mse", "r2"))}
-    for rank in (0, 1):
-        assert out[rank] == pytest.approx(single, rel=1e-9)

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
 
     model = BrainLM(model_cfg)
     cpu = torch.device("cpu")
-    cfg = TrainConfig(lr=args.lr, batch_size=args.batch, steps=args.steps, warmup_steps=args.warmup)
+    cfg = TrainConfig(lr=args.lr, batch_size=args.batch, steps=args.steps, warmup_steps=args.warmup).with_lr_for(model_cfg)
     optimizer = build_optimizer(model, cfg, cpu)
     scheduler = build_scheduler(optimizer, cfg)
     rng = np.random.default_rng(args.seed)
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> dict:
     curve = [{"step": 0, "cpu_s": 0.0, "wall_s": 0.0, "model": first["masked_mse"], "r2": first["masked_r2"]}]
     print(f"{args.preset} ({count_parameters(model):,} parameters, mask {model_cfg.mask_ratio}) on "
           f"{'synthetic ' + str(synth) if synth else cohort.path}: {shape}")
-    print(f"lr {args.lr} warmup {args.warmup} batch {args.batch} steps {args.steps} budget {args.seconds} CPU-s; "
+    print(f"lr {cfg.lr:.2g} warmup {args.warmup} batch {args.batch} steps {args.steps} budget {args.seconds} CPU-s; "
           f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("references (masked MSE): " + "  ".join(f"{k} {v:.4f}" for k, v in lines.items()))
     print(f"{'step':>6} {'cpu_s':>7} {'wall_s':>7} {'model':>7} {'zero':>7} {'spatial':>7} {'temporal':>8} "
@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask", type=float, default=0.75, help="mask ratio (training and validation)")
     p.add_argument("--seconds", type=float, default=600.0, help="CPU budget for the training steps")
     p.add_argument("--steps", type=int, default=5000, help="schedule length (training stops at the budget)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig's for the width)")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup, in steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation points")

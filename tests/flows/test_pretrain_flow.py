@@ -37,6 +37,12 @@ def test_pretrain_flow_registers_a_challenger(home, assert_no_participant_ids):
     assert (row["cohort"], row["preset"], row["data_version"]) == ("fixture", "tiny", registry.UNVERSIONED)
     assert row["metrics"]["step"] == 5 and row["metrics"]["windows"] == 40 and row["metrics"]["val_masked_mse"] > 0
     assert "trained     5 optimiser steps, 40 windows" in result.summary()
+    # The references, scored on the model's masks, beside the model: on the version, in the summary, in words.
+    for name in ("zero", "spatial", "temporal"):
+        assert row["metrics"][f"val_{name}_mse"] == result.metrics[f"val_{name}_mse"] > 0
+        assert f"{name} {result.metrics[f'val_{name}_mse']:.4f}" in result.summary()
+    assert row["metrics"]["val_spatial_mse"] < row["metrics"]["val_zero_mse"]  # latent mixtures: parcels predict
+    assert "does NOT beat the spatial reference" in result.summary()  # 5 steps learn nothing
 
     client = MlflowClient(settings.tracking_uri())
     run = client.get_run(result.run_id)
@@ -47,6 +53,8 @@ def test_pretrain_flow_registers_a_challenger(home, assert_no_participant_ids):
     assert run.data.tags["cohort"] == "fixture" and run.data.tags["preset"] == "tiny"
     # one point per evaluation (every 3 steps and the last), logged by the Ray worker from the run id + settings
     assert [m.step for m in client.get_metric_history(result.run_id, "val_masked_mse")] == [3, 5]
+    spatial = client.get_metric_history(result.run_id, "val_spatial_mse")  # scored once, logged every time
+    assert [m.step for m in spatial] == [3, 5] and spatial[0].value == spatial[1].value
     assert_no_participant_ids(settings, cohort.participants)
 
 

@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--targets", nargs="+", default=["age", "sex"])
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    p.add_argument("--time-bias", action=argparse.BooleanOptionalAction, default=False,
+                   help="pretrain with the relative-time attention bias (the presets' default); without it (the "
+                        "default here) fine-tuned forecasting learns, with it forecasting stays on predicting zero")
     p.add_argument("--paper-head", action="store_true", help="also the CLS-pooled head (the paper's)")
     p.add_argument("--network-recordings", type=int, default=8, help="networks: recordings the features come from")
     p.add_argument("--quick", action="store_true", help="a smoke run: small cohort, few steps")
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     synth = SynthConfig(subjects=args.subjects + args.pretrain_subjects, timepoints=args.timepoints,
                         max_parcels=args.parcels, noise=args.noise, seed=args.seed)
-    model_cfg = preset(args.preset, window=args.window, mask_ratio=0.5, decoder_hidden=64)
+    model_cfg = preset(args.preset, window=args.window, mask_ratio=0.5, decoder_hidden=64, time_bias=args.time_bias)
     train_cfg = TrainConfig(steps=args.pretrain_steps, eval_every=max(1, args.pretrain_steps // 5), lr=3e-3,
                             batch_size=16, warmup_steps=round(0.05 * args.pretrain_steps), val_fraction=0.1,
                             test_fraction=0.0, seed=args.seed)

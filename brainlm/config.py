@@ -314,7 +314,7 @@ class TrainConfig(Config):
 
 
 # The ModelConfig fields one pretraining run may change; the rest is the preset's architecture.
-RUN_MODEL_OPTIONS = ("mask_ratio", "window")
+RUN_MODEL_OPTIONS = ("mask_ratio", "window", "time_bias")
 
 
 def run_options() -> dict[str, dataclasses.Field]:

@@ -50,6 +50,7 @@ def pretrain(
     # brainlm.config.run_options(): the model options (None keeps the preset's value), then TrainConfig
     window: int | None = None,
     mask_ratio: float | None = None,
+    time_bias: bool | None = None,
     # field for field (None keeps TrainConfig's default)
     steps: int | None = None,
     eval_every: int | None = None,

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         task, pre, truth = cohorts(Path(tmp), synth, args.subjects)
         print(f"# brainlm science bench: {args.subjects} task + {args.pretrain_subjects} pretraining subjects × "
               f"{synth.recordings_per_subject} recordings × {args.timepoints} TRs, {task.n_parcels} parcels, noise "
-              f"{args.noise}; {args.preset} (window {args.window}, mask 0.5, decoder 64), {args.pretrain_steps} "
+              f"{args.noise}; {args.preset} (window {args.window}, mask 0.5, decoder 64, time bias {'on' if args.time_bias else 'off'}), {args.pretrain_steps} "
               f"pretraining and {args.finetune_steps} fine-tuning steps\n", flush=True)
         model, info = pretrain(pre, model_cfg, train_cfg)
         print(f"pretrained: val masked MSE {info['val_masked_mse_vs_zero']:.3f} × predicting zero "

@@ -25,7 +25,7 @@ from fixtures_tasks import DOWNSTREAM, register_pretrained, untrained_checkpoint
 from mlflow import MlflowClient
 from servers import prefect_server, stop_group, wait_for
 
-from brainlm import registry
+from brainlm import pipelines, registry
 from brainlm.config import SynthConfig, load_settings
 from brainlm.data import versioning
 from brainlm.data.synthetic import synthesize
@@ -137,7 +137,8 @@ def test_make_serve_serves_the_four_deployments_with_a_paused_nightly_evaluation
 
     ingest, pretrain, evaluate, promote = (deployment(stack, f"{flow}/default")
                                            for flow in ("ingest", "pretrain", "evaluate", "promote"))
-    assert pretrain.parameters == {"cohort": "demo", "preset": "tiny", "steps": 200, "eval_every": 50}
+    demo = pipelines.DEMO_TRAIN  # the demo's budget (600 steps, evaluated every 100)
+    assert pretrain.parameters == {"cohort": "demo", "preset": "tiny", "steps": demo.steps, "eval_every": demo.eval_every}
     assert ingest.parameters == {"workers": 1} and promote.parameters == {"cohort": "demo"}
     assert evaluate.parameters == {"cohort": "demo", "targets": [], "steps": 2}  # serve.yaml over the defaults
     [nightly] = evaluate.schedules

@@ -201,9 +201,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--targets", nargs="+", default=["age", "sex"])
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
-    p.add_argument("--time-bias", action=argparse.BooleanOptionalAction, default=False,
-                   help="pretrain with the relative-time attention bias (the presets' default); without it (the "
-                        "default here) fine-tuned forecasting learns, with it forecasting stays on predicting zero")
     p.add_argument("--paper-head", action="store_true", help="also the CLS-pooled head (the paper's)")
     p.add_argument("--network-recordings", type=int, default=8, help="networks: recordings the features come from")
     p.add_argument("--quick", action="store_true", help="a smoke run: small cohort, few steps")
@@ -218,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     synth = SynthConfig(subjects=args.subjects + args.pretrain_subjects, timepoints=args.timepoints,
                         max_parcels=args.parcels, noise=args.noise, seed=args.seed)
-    model_cfg = preset(args.preset, window=args.window, mask_ratio=0.5, decoder_hidden=64, time_bias=args.time_bias)
+    model_cfg = preset(args.preset, window=args.window, mask_ratio=0.5, decoder_hidden=64)
     train_cfg = TrainConfig(steps=args.pretrain_steps, eval_every=max(1, args.pretrain_steps // 5), lr=3e-3,
                             batch_size=16, warmup_steps=round(0.05 * args.pretrain_steps), val_fraction=0.1,
                             test_fraction=0.0, seed=args.seed)
@@ -226,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         task, pre, truth = cohorts(Path(tmp), synth, args.subjects)
         print(f"# brainlm science bench: {args.subjects} task + {args.pretrain_subjects} pretraining subjects × "
               f"{synth.recordings_per_subject} recordings × {args.timepoints} TRs, {task.n_parcels} parcels, noise "
-              f"{args.noise}; {args.preset} (window {args.window}, mask 0.5, decoder 64, time bias {'on' if args.time_bias else 'off'}), {args.pretrain_steps} "
+              f"{args.noise}; {args.preset} (window {args.window}, mask 0.5, decoder 64), {args.pretrain_steps} "
               f"pretraining and {args.finetune_steps} fine-tuning steps\n", flush=True)
         model, info = pretrain(pre, model_cfg, train_cfg)
         print(f"pretrained: val masked MSE {info['val_masked_mse_vs_zero']:.3f} × predicting zero "

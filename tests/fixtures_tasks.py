@@ -20,7 +20,6 @@ Loaded by tests/conftest.py (`pytest_plugins`), so tests in tasks/ and flows/ sh
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,16 +56,11 @@ class Setup:
 
 # 60 subjects × 2 recordings of 400 TRs over 32 parcels (network-balanced), with low parcel noise so that a CI
 # budget of pretraining leaves the zero-prediction plateau; 40 task subjects, 20 pretraining subjects.
-# Without the relative-time attention bias: with it, pretraining learns to read a masked patch from the other
-# parcels at the same timepoints and fine-tuned forecasting (the last patch of every parcel masked, nothing at the
-# same timepoints visible) stays on predicting zero; without it the same budget reaches 0.25 × the zero
-# reference's masked MSE here and forecasts (bench/README.md, "Downstream science").
 DOWNSTREAM = Setup(
     synth=SynthConfig(subjects=60, timepoints=400, max_parcels=32, noise=0.2, seed=0),
     task_subjects=40,
     train=TrainConfig(steps=600, eval_every=600, lr=3e-3, batch_size=16, warmup_steps=30, val_fraction=0.1,
                       test_fraction=0.0, seed=0),
-    model=dataclasses.replace(MODEL, time_bias=False),
 )
 # 48 parcels: the seven Yeo networks with 5-6 parcels each (6 visual, the network the task drives) plus 10
 # subcortical and cerebellar parcels that no Yeo network labels; every subject has a rest and a task recording;

@@ -1,11 +1,12 @@
 """The downstream checks on a synthetic cohort with planted dynamics and phenotypes (tests/fixtures_tasks.py,
-DOWNSTREAM), with a tiny BrainLM pretrained once per session on subjects disjoint from the task cohort (without
-the relative-time attention bias: with it, fine-tuned forecasting stays on predicting zero, see fixtures_tasks.py).
+DOWNSTREAM), with a tiny BrainLM pretrained once per session on subjects disjoint from the task cohort.
 
-Asserted with margins: pretrained BrainLM forecasts better than the same network from scratch and than
-persistence; functional connectivity recovers the planted age effect, and so do a linear probe on the pretrained
-encoder's embedding and the fine-tuned head on it. Not asserted, and reported in bench/README.md as losses: the
-ridge VAR forecasts better than BrainLM, and ridge on functional connectivity predicts age better.
+What holds is asserted: fine-tuned BrainLM forecasts far better than persistence; functional connectivity
+recovers the planted age effect, and so does a linear probe on the pretrained encoder's embedding. What does not
+hold at this budget is printed with its numbers and reported in bench/README.md as a loss, not asserted and not
+marked as an expected failure: pretrained BrainLM forecasts no better than the same network from scratch (both
+near predicting zero, far behind the ridge VAR), and the fine-tuned MLP head on the embedding recovers age worse
+than the linear probe on the same embedding.
 """
 
 import pytest
@@ -23,23 +24,25 @@ def tiny(pretrained):
 
 
 @pytest.mark.slow
-def test_pretrained_brainlm_forecasts_better_than_scratch_and_persistence(tiny, one_thread):
+def test_fine_tuned_brainlm_forecasts_better_than_persistence(tiny, one_thread):
     cfg = ForecastConfig(steps=100, models=("brainlm", "scratch", "persistence"))
     t = run_forecast(tiny.cohort(), BrainLMBackbone(tiny.model()), cfg, progress=print).table
     print(f"pretraining took {tiny.seconds:.0f} s ({tiny.val_vs_zero:.2f} × zero)\n{table_text(t)}")
-    # measured: MSE 0.46 against 0.82 for persistence
+    # measured: MSE 0.50-0.55 against 0.82 for persistence, whatever pretraining learned
     assert t.loc["brainlm", "mse"] < 0.8 * t.loc["persistence", "mse"], t
 
     brainlm, scratch = t.loc["brainlm"], t.loc["scratch"]
-    # measured: R² 0.158 against -0.002, MSE 0.465 against 0.553, first step 0.097 against 0.554
-    assert brainlm["r2"] > scratch["r2"] + 0.05 and brainlm["mse"] < 0.95 * scratch["mse"], t
+    # Not asserted, a loss (bench/README.md): measured with the default model (Fourier spatial embedding, time bias)
+    # R² -0.003 against scratch's -0.002 (MSE 0.5532 both), both on predicting zero. Without the time bias, 1 of 4
+    # pretraining seeds learned the continuation (R² 0.158 against -0.002), the other three did not (-0.002-0.006).
+    print(f"pretrained against scratch: R² {brainlm['r2']:.3f} against {scratch['r2']:.3f}, MSE {brainlm['mse']:.4f} "
+          f"against {scratch['mse']:.4f}")
 
 
 @pytest.mark.slow
 def test_clinical_models_recover_the_planted_age_effect(tiny, one_thread):
     """Age shifts two network couplings. Functional connectivity recovers it well; the pretrained encoder's
-    connectivity-pooled embedding carries it too (linear probe), and the fine-tuned MLP head on it recovers it,
-    weakly. R² is over all out-of-fold predictions (folds of 8 subjects make each fold's own R²
+    connectivity-pooled embedding carries it too (linear probe). R² is over all out-of-fold predictions (folds of 8 subjects make each fold's own R²
     mostly noise)."""
     cfg = ClinicalConfig(target="age", folds=5, steps=100, encoder_lr_scale=0.0,
                          models=("brainlm", "ridge_embedding", "ridge_fc"), refit=False)
@@ -47,7 +50,9 @@ def test_clinical_models_recover_the_planted_age_effect(tiny, one_thread):
     print(table_text(t))
     assert t.loc["ridge_fc", "r2_pooled"] > 0.4, t  # measured 0.66-0.69
 
-    # measured: linear probe on the frozen embedding 0.29, fine-tuned head 0.074 (r 0.66)
+    # The linear probe on the frozen pretrained embedding: measured 0.18 with the default model (0.12 with the
+    # paper's embedding and attention). The fine-tuned MLP head on the same embedding does worse (measured -0.04,
+    # r 0.31): not asserted, a loss (bench/README.md).
     probe, head, r = t.loc["ridge_embedding", "r2_pooled"], t.loc["brainlm", "r2_pooled"], t.loc["brainlm", "pearson_r"]
+    assert probe > 0.1, t
     print(f"age from the embedding: linear probe R² {probe:.3f}, fine-tuned head R² {head:.3f} (r {r:.2f})")
-    assert probe > 0.15 and head > 0.02 and r > 0.4, t

@@ -20,6 +20,7 @@ This module needs torch and numpy alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import Tensor
 
 Predictor = Callable[[Tensor, Tensor], Tensor]  # (signals (B, P, T), mask (B, P, N)) → (B, P, T)
 
+COVARIANCE_RECORDINGS = 512  # training_covariance reads at most this many recordings
 DEFAULT_RIDGE = 1e-2  # λ = DEFAULT_RIDGE × trace(Σ) / P: 1 % of the average parcel variance
 _SOLVE_BYTES = 64 * 1024**2  # the batched solves work through (P, P) float64 systems in chunks this big
 
@@ -53,7 +55,8 @@ def training_covariance(cohort, split: Mapping[str, list[str]]) -> Tensor:
     """Σ from the training recordings of `split` (as `Cohort.split` returns it), never the held-out ones.
 
     Refuses a split whose training recordings share a participant with its validation or test recordings:
-    the spatial reference would then have seen the held-out subjects' covariance and flatter itself.
+    the spatial reference would then have seen the held-out subjects' covariance and flatter itself. At most
+    `COVARIANCE_RECORDINGS` recordings are read, evenly spaced over the training list.
     """
     train = list(split.get("train", []))
     if not train:
@@ -64,7 +67,9 @@ def training_covariance(cohort, split: Mapping[str, list[str]]) -> Tensor:
     if leaked:
         raise ValueError(f"training_covariance: {len(leaked)} participant(s) are in the training split and a "
                          f"held-out split; split by participant (Cohort.split) before estimating Σ")
-    return parcel_covariance(cohort.recording(r) for r in train)
+    # Σ is P × P: a few hundred recordings pin it down, and a large cohort is not read in full before training.
+    step = max(1, math.ceil(len(train) / COVARIANCE_RECORDINGS))
+    return parcel_covariance(cohort.recording(r) for r in train[::step])
 
 
 # ------------------------------------------------------------------------------------------- predictors

@@ -1,6 +1,8 @@
 """Reference predictors, scored by the engine's evaluate on the model's own masks; covariance from training
 subjects only."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,6 +10,7 @@ import torch
 from fixtures_cohort import make_cohort, write_cohort
 from torch.utils.data import DataLoader
 
+from brainlm import references
 from brainlm.config import preset
 from brainlm.data.atlas import Atlas
 from brainlm.data.store import open_cohort
@@ -145,6 +148,15 @@ def test_spatial_covariance_comes_from_training_subjects_only(tmp_path):
     mask[:, 1] = 1
     pred = SpatialReference(cov)(val, mask)
     assert torch.corrcoef(torch.stack([pred[:, 1].flatten(), val[:, 1].flatten()]))[0, 1] < -0.9
+
+
+def test_a_large_training_split_is_sampled_evenly_for_the_covariance(tmp_path, monkeypatch):
+    cohort, split = _cohort_with_different_val_covariance(tmp_path / "c")
+    train = split["train"]
+    monkeypatch.setattr(references, "COVARIANCE_RECORDINGS", len(train) // 2)
+    picked = train[:: math.ceil(len(train) / (len(train) // 2))]
+    assert 1 < len(picked) < len(train)
+    assert torch.equal(training_covariance(cohort, split), parcel_covariance(cohort.recording(r) for r in picked))
 
 
 def test_training_covariance_refuses_a_split_that_shares_participants(tmp_path):

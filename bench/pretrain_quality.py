@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"{len(cohort.participants)} participants leave no validation subject: use more")
         train = [torch.from_numpy(np.array(cohort.recording(r))) for r in split["train"]]
         val_set = cohort.window_dataset(split["val"], model_cfg.window, args.val_crops, seed=1)
-        val_windows = torch.stack([val_set[i] for i in range(len(val_set))])  # in memory: the folder goes
-        val = DataLoader(MaskedWindows(list(val_windows), model_cfg.patch_size, seed=0), batch_size=32)
+        val_windows = [val_set[i] for i in range(len(val_set))]  # in memory: the temporary folder goes
+        val = DataLoader(MaskedWindows(val_windows, model_cfg.patch_size, seed=0), batch_size=32)
         coords = torch.as_tensor(cohort.atlas.coords, dtype=torch.float32)
         refs = reference_predictors(training_covariance(cohort, split))
         shape = {"parcels": cohort.n_parcels, "train_recordings": len(train), "val_windows": len(val_set),

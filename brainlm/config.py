@@ -256,6 +256,13 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 # ------------------------------------------------------------------------------------------ training
 
 
+def check_leaves_training(config: Config) -> None:
+    """A participant split (`val_fraction`, `test_fraction`) must leave participants for training."""
+    if config.val_fraction + config.test_fraction >= 1:
+        raise config.error("test_fraction", f"must leave participants for training: val_fraction "
+                                            f"({config.val_fraction}) + test_fraction must be below 1")
+
+
 DEFAULT_LR, DEFAULT_LR_WIDTH = 3e-3, 64  # TrainConfig.with_lr_for: the peak rate at this encoder width
 
 
@@ -305,9 +312,7 @@ class TrainConfig(Config):
         return dataclasses.replace(self, lr=DEFAULT_LR * math.sqrt(DEFAULT_LR_WIDTH / model.hidden))
 
     def validate(self) -> None:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise self.error("test_fraction", f"must leave participants for training: val_fraction "
-                                              f"({self.val_fraction}) + test_fraction must be below 1")
+        check_leaves_training(self)
 
 
 # ------------------------------------------------------------------------------------ a run's options
@@ -414,9 +419,7 @@ class ForecastConfig(Config):
     seed: int = param(0, within="[0, inf)", help="seeds the split, the crops and the initial weights")
 
     def validate(self) -> None:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise self.error("test_fraction", f"must leave participants for training: val_fraction "
-                                              f"({self.val_fraction}) + test_fraction must be below 1")
+        check_leaves_training(self)
 
 
 @dataclass(frozen=True)
@@ -556,9 +559,7 @@ class PromotionConfig(Config):
     device: str = param("cpu", help='torch device ("cpu", "cuda")')
 
     def validate(self) -> None:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise self.error("test_fraction", f"must leave participants for training: val_fraction "
-                                              f"({self.val_fraction}) + test_fraction must be below 1")
+        check_leaves_training(self)
         if self.split == "test" and self.test_fraction == 0:
             raise self.error("test_fraction", "must be above 0 when the gate scores the test split")
 

@@ -125,11 +125,11 @@ def gate(cohort: str | Path | Cohort, challenger: str | int | None = None, cfg: 
                             f"({model_cfg.window}/{model_cfg.patch_size} and {other.window}/{other.patch_size} "
                             f"TRs/patch): they cannot be scored on the same masked patches")
         check_cohort(opened, other)
-    held_out = held_out_recordings(opened, cfg)
     split = opened.split(cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    predictors = reference_predictors(training_covariance(opened, split))  # never sees the held-out participants
+    held_out = held_out_recordings(opened, split, cfg)
     for version in versions.values():
         check_never_trained_on(opened, held_out, name, version, cfg, settings)
+    predictors = reference_predictors(training_covariance(opened, split))  # never sees the held-out participants
 
     decision.mask_ratio = model_cfg.mask_ratio if cfg.mask_ratio is None else cfg.mask_ratio
     people = set(opened.manifest.set_index("recording").loc[held_out, "participant"])
@@ -151,9 +151,10 @@ def gate(cohort: str | Path | Cohort, challenger: str | int | None = None, cfg: 
     return decision
 
 
-def held_out_recordings(cohort: Cohort, cfg: PromotionConfig) -> list[str]:
-    """The recordings of the participants the gate holds out (`cfg.split` of the seeded subject-level split)."""
-    recordings = cohort.split(cfg.val_fraction, cfg.test_fraction, cfg.seed)[cfg.split]
+def held_out_recordings(cohort: Cohort, split: dict[str, list[str]], cfg: PromotionConfig) -> list[str]:
+    """The recordings of the participants the gate holds out: `cfg.split` of the cohort's seeded subject-level
+    `split`."""
+    recordings = split[cfg.split]
     if not recordings:
         raise GateError(f"cohort {cohort.path}: its {len(cohort.participants)} participants leave no {cfg.split} "
                         f"participants to hold out (val_fraction {cfg.val_fraction}, test_fraction "
